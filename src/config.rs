@@ -1,0 +1,602 @@
+//! The configuration contract: the TOML schema, every default, validation and env overrides.
+//!
+//! A config comes from three layers, later ones winning: built-in defaults, the TOML file
+//! (`--config` / `SMALLEST_PROXY_CONFIG`), then `SMALLEST_PROXY_<SECTION>_<KEY>` environment
+//! variables. Overrides are merged into the TOML tree *before* deserialising, so one code path
+//! validates all three, and an error can always say where the bad value came from: the file with
+//! line, column and key path, or the environment variable's name.
+//!
+//! The config holds no secret: the key itself lives in the key source and is fetched at run
+//! time, so `Config` can be printed (`smallest-proxy check`) and logged as it is.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the proxy listens when nothing says otherwise: loopback only, port 8787.
+pub const DEFAULT_LISTEN_ADDRESS: &str = "127.0.0.1:8787";
+/// Unix socket permissions when `unix_socket` is set: owner and group may connect.
+pub const DEFAULT_UNIX_SOCKET_MODE: &str = "0660";
+/// The Smallest AI API.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.smallest.ai";
+/// The environment variable the key is read from with `source = "env"` (and with no config).
+pub const DEFAULT_KEY_ENV: &str = "SMALLEST_API_KEY";
+/// Environment variable naming the config file, the same as `--config`.
+pub const CONFIG_PATH_ENV: &str = "SMALLEST_PROXY_CONFIG";
+/// Prefix of every config override variable.
+pub const ENV_OVERRIDE_PREFIX: &str = "SMALLEST_PROXY_";
+/// TCP connect to the upstream; past it the request gets 504.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// From sending the request to the upstream's response head; past it 504. Bodies (SSE) are not
+/// bounded by this: a stream may run as long as it keeps moving.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle pooled upstream connections are closed after this.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Key re-fetch period for sources that rotate (file, vault, aws).
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// How long the last good key keeps serving while its source fails.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
+/// A client must send its whole request head within this (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client connections open at once; more wait in the kernel's accept queue.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// SIGTERM waits this long for in-flight requests and streams.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The whole configuration. Field names are the public TOML contract (DESIGN.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub key: KeyConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// TCP address. Unset with `unix_socket` set means "Unix socket only".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<PathBuf>,
+    pub unix_socket_mode: String,
+    /// Listening beyond loopback hands the key to anyone who can reach the port: opt in.
+    pub allow_remote: bool,
+    /// Browser origins allowed to call the proxy (laptop web development); empty = none.
+    pub allowed_origins: Vec<String>,
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            address: None,
+            unix_socket: None,
+            unix_socket_mode: DEFAULT_UNIX_SOCKET_MODE.into(),
+            allow_remote: false,
+            allowed_origins: Vec::new(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// The TCP address in effect: the configured one, the default when no listener is
+    /// configured at all, none when only a Unix socket is asked for.
+    pub fn tcp_address(&self) -> Option<SocketAddr> {
+        match (&self.address, &self.unix_socket) {
+            (Some(a), _) => a.parse().ok(),
+            (None, None) => DEFAULT_LISTEN_ADDRESS.parse().ok(),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// `unix_socket_mode` as permission bits (validated at load).
+    pub fn unix_mode_bits(&self) -> u32 {
+        u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub url: String,
+    /// An extra trust root (PEM) beside the public web roots, for a self-hosted server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub response_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM_URL.into(),
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub scheme: AuthScheme,
+}
+
+/// The word before the key in `Authorization`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// api.smallest.ai
+    #[default]
+    Bearer,
+    /// A self-hosted Smallest server.
+    Token,
+}
+
+impl AuthScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthScheme::Bearer => "Bearer",
+            AuthScheme::Token => "Token",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyConfig {
+    pub source: KeySourceKind,
+    /// `source = "env"`: the variable holding the key.
+    pub env: String,
+    /// `source = "file"`: the file holding the key (trailing newline trimmed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub refresh_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub max_stale: Duration,
+}
+
+impl Default for KeyConfig {
+    fn default() -> Self {
+        KeyConfig {
+            source: KeySourceKind::Env,
+            env: DEFAULT_KEY_ENV.into(),
+            file: None,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            max_stale: DEFAULT_MAX_STALE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySourceKind {
+    #[default]
+    Env,
+    File,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `smallest_proxy=debug`); `RUST_LOG` wins when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A config that could not be used, with where the problem is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// `file:line:column`, `environment variable NAME`, or the file alone when no position fits.
+    pub location: String,
+    /// Dotted key path (`listen.address`); empty for a syntax error before any key.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.location, self.message)
+        } else {
+            write!(f, "{}: `{}`: {}", self.location, self.key, self.message)
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file at `path` if any, then the `SMALLEST_PROXY_*` variables found
+    /// in `vars` (the process environment, passed in so tests need not mutate it).
+    pub fn load(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let Some(path) = path else { return load_text(None, "", vars) };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            location: path.display().to_string(),
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        load_text(Some(path), &text, vars)
+    }
+
+    /// The effective config as TOML, for `smallest-proxy check`. The config holds no secret
+    /// (key material never enters it), so nothing needs redacting beyond what it already omits.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    }
+}
+
+/// Parse `text` (the file at `path`, or empty for defaults), merge the `SMALLEST_PROXY_*`
+/// overrides found in `vars`, deserialise and validate.
+pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+    let file_name = path.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError {
+            location: format!("{file_name}:{line}:{col}"),
+            key: String::new(),
+            message: first_line(e.message()),
+        }
+    })?;
+    let overridden = apply_env_overrides(&mut table, vars)?;
+
+    let locate = |key: &str| -> String {
+        if let Some(var) = overridden.iter().find(|(k, _)| k == key || key.starts_with(&format!("{k}."))).map(|(_, v)| v) {
+            return format!("environment variable {var}");
+        }
+        match key_position(text, key) {
+            Some((line, col)) => format!("{file_name}:{line}:{col}"),
+            None => file_name.clone(),
+        }
+    };
+
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut key = e.path().to_string();
+        let message = first_line(&e.inner().to_string());
+        // Name the unknown field itself if the path stops at its parent table.
+        if let Some(field) = unknown_field_name(&message) {
+            if key == "." || key.is_empty() {
+                key = field;
+            } else if !key.ends_with(&format!(".{field}")) && key != field {
+                key = format!("{key}.{field}");
+            }
+        }
+        ConfigError { location: locate(&key), key, message }
+    })?;
+    config.validate().map_err(|(key, message)| ConfigError { location: locate(&key), key, message })?;
+    Ok(config)
+}
+
+impl Config {
+    /// Checks serde cannot express. Returns the offending key path and a sentence.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        if let Some(address) = &self.listen.address {
+            match address.parse::<SocketAddr>() {
+                Err(_) => return err("listen.address", format!("{address:?} is not an IP address with a port, like \"127.0.0.1:8787\"")),
+                Ok(a) if !a.ip().is_loopback() && !self.listen.allow_remote => {
+                    return err(
+                        "listen.address",
+                        format!("{address:?} is not a loopback address: anyone who can reach it could spend the key; set listen.allow_remote = true to allow it"),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        if u32::from_str_radix(self.listen.unix_socket_mode.trim_start_matches("0o"), 8).map_or(true, |m| m > 0o777) {
+            return err("listen.unix_socket_mode", format!("{:?} is not an octal file mode like \"0660\"", self.listen.unix_socket_mode));
+        }
+        if self.listen.max_connections == 0 {
+            return err("listen.max_connections", "must be at least 1".into());
+        }
+        let url = self.upstream.url.parse::<http::Uri>().ok().filter(|u| u.authority().is_some());
+        let Some(url) = url else {
+            return err("upstream.url", format!("{:?} is not an absolute URL like \"https://api.smallest.ai\"", self.upstream.url));
+        };
+        if url.query().is_some() {
+            return err("upstream.url", "must not carry a query string".into());
+        }
+        match url.scheme_str() {
+            Some("https") => {}
+            Some("http") if host_is_loopback(url.host().unwrap_or_default()) => {}
+            Some("http") => {
+                return err("upstream.url", "plain http is allowed only to a loopback host: the key would cross the network in clear; use https".into())
+            }
+            _ => return err("upstream.url", "the scheme must be https (or http to a loopback host)".into()),
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            if !ca.is_file() {
+                return err("upstream.ca_file", format!("{} does not exist or is not a file", ca.display()));
+            }
+        }
+        if self.key.source == KeySourceKind::File && self.key.file.is_none() {
+            return err("key.file", "source = \"file\" needs `file`, the path of the file holding the key".into());
+        }
+        if self.key.source == KeySourceKind::Env && self.key.env.is_empty() {
+            return err("key.env", "must name an environment variable".into());
+        }
+        if self.key.refresh_interval < Duration::from_secs(1) {
+            return err("key.refresh_interval", "must be at least 1s".into());
+        }
+        if let Some(level) = &self.log.level {
+            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                return err("log.level", format!("{level:?} is not a log filter like \"info\" or \"smallest_proxy=debug\""));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `localhost`, `127.x.y.z`, `::1` (with or without brackets).
+pub fn host_is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Tables a `SMALLEST_PROXY_<SECTION>_<KEY>` variable can address, longest first so that
+/// `KEY_VAULT_AUTH_ROLE_ID` lands in `key.vault.auth` and not in `key`.
+const OVERRIDE_SECTIONS: &[&str] = &["listen", "upstream", "auth", "key", "log"];
+
+/// Merge `SMALLEST_PROXY_*` variables into the TOML tree. Returns (key path, variable name)
+/// for each applied override so errors can blame the variable. Values are typed the way a
+/// shell user means them: `true`/`false` are booleans, plain digits are integers, anything
+/// else is a string (so `"0660"` and `"5m"` stay strings).
+fn apply_env_overrides(table: &mut toml::Table, vars: &[(String, String)]) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut applied = Vec::new();
+    let mut sections: Vec<&str> = OVERRIDE_SECTIONS.to_vec();
+    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else { continue };
+        if name == CONFIG_PATH_ENV {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        let found = sections.iter().find_map(|section| {
+            let prefix = format!("{}_", section.replace('.', "_"));
+            lower.strip_prefix(&prefix).filter(|k| !k.is_empty()).map(|k| (*section, k.to_string()))
+        });
+        let Some((section, key)) = found else {
+            return Err(ConfigError {
+                location: format!("environment variable {name}"),
+                key: String::new(),
+                message: format!("does not name a config key; overrides look like {ENV_OVERRIDE_PREFIX}LISTEN_ADDRESS (section, then key, in capitals)"),
+            });
+        };
+        let mut node = &mut *table;
+        for part in section.split('.') {
+            let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError {
+                        location: format!("environment variable {name}"),
+                        key: section.into(),
+                        message: "the config file sets this to a value, not a table".into(),
+                    })
+                }
+            };
+        }
+        let typed = match value.as_str() {
+            "true" => toml::Value::Boolean(true),
+            "false" => toml::Value::Boolean(false),
+            v if !v.is_empty() && v.len() < 18 && v.bytes().all(|b| b.is_ascii_digit()) && !v.starts_with('0') => {
+                toml::Value::Integer(v.parse().unwrap_or_default())
+            }
+            v => toml::Value::String(v.to_string()),
+        };
+        node.insert(key.clone(), typed);
+        applied.push((format!("{section}.{key}"), name.clone()));
+    }
+    Ok(applied)
+}
+
+/// Position (1-based line, column) of a dotted key in the TOML source, for error messages.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut span = None;
+    let parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let (k, item) = table.get_key_value(part)?;
+        span = k.span().or_else(|| item.span()).or(span);
+        if i + 1 < parts.len() {
+            match item {
+                toml_edit::Item::Table(t) => table = t,
+                toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => table = t,
+                toml_edit::Item::ArrayOfTables(a) => {
+                    // `limits.class[2].name` style paths come through serde_path_to_error as
+                    // `limits.class[2]`; take the index when present.
+                    let idx = parts.get(i + 1).and_then(|p| p.parse::<usize>().ok()).unwrap_or(0);
+                    table = a.get(idx)?;
+                }
+                _ => break,
+            }
+        }
+    }
+    span.map(|s| line_col(text, s.start))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// Durations as human strings (`"300ms"`, `"5m"`) both ways.
+pub mod duration_str {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"300ms\", \"5s\" or \"5m\": {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        load_text(Some(Path::new("proxy.toml")), text, &[])
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = load("").expect("defaults");
+        assert_eq!(c.listen.tcp_address(), Some("127.0.0.1:8787".parse().unwrap()));
+        assert_eq!(c.upstream.url, "https://api.smallest.ai");
+        assert_eq!(c.auth.scheme, AuthScheme::Bearer);
+        assert_eq!(c.key.source, KeySourceKind::Env);
+        assert_eq!(c.key.env, "SMALLEST_API_KEY");
+    }
+
+    #[test]
+    fn the_design_md_keys_parse() {
+        let c = load(
+            r#"
+[listen]
+address = "127.0.0.1:9000"
+unix_socket = "/tmp/p.sock"
+unix_socket_mode = "0600"
+allow_remote = false
+
+[upstream]
+url = "https://smallest.internal:8443"
+
+[auth]
+scheme = "Token"
+
+[key]
+source = "file"
+file = "/run/secrets/smallest-api-key"
+refresh_interval = "30s"
+max_stale = "2h"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.auth.scheme, AuthScheme::Token);
+        assert_eq!(c.key.refresh_interval, Duration::from_secs(30));
+        assert_eq!(c.listen.unix_mode_bits(), 0o600);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_key() {
+        let e = load("[listen]\naddress = \"127.0.0.1:1\"\nadress = \"x\"\n").unwrap_err();
+        assert_eq!(e.key, "listen.adress");
+        assert_eq!(e.location, "proxy.toml:3:1");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = load("[listen]\nallow_remote = \"yes\"\n").unwrap_err();
+        assert_eq!(e.key, "listen.allow_remote");
+        assert_eq!(e.location, "proxy.toml:2:1");
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_column() {
+        let e = load("[listen]\naddress = \n").unwrap_err();
+        assert!(e.location.starts_with("proxy.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn remote_listen_address_needs_opt_in() {
+        let e = load("[listen]\naddress = \"0.0.0.0:8787\"\n").unwrap_err();
+        assert_eq!(e.key, "listen.address");
+        assert!(e.message.contains("allow_remote"));
+        load("[listen]\naddress = \"0.0.0.0:8787\"\nallow_remote = true\n").expect("opted in");
+    }
+
+    #[test]
+    fn bad_scheme_lists_the_choices() {
+        let e = load("[auth]\nscheme = \"Basic\"\n").unwrap_err();
+        assert_eq!(e.key, "auth.scheme");
+        assert!(e.message.contains("Bearer") && e.message.contains("Token"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_upstream_only_on_loopback() {
+        assert!(load("[upstream]\nurl = \"http://api.smallest.ai\"\n").is_err());
+        load("[upstream]\nurl = \"http://127.0.0.1:9000\"\n").expect("loopback http");
+    }
+
+    #[test]
+    fn file_source_needs_a_file() {
+        let e = load("[key]\nsource = \"file\"\n").unwrap_err();
+        assert_eq!(e.key, "key.file");
+    }
+
+    #[test]
+    fn env_overrides_win_and_are_blamed_by_name() {
+        let vars = vec![
+            ("SMALLEST_PROXY_LISTEN_ADDRESS".to_string(), "127.0.0.1:9999".to_string()),
+            ("SMALLEST_PROXY_AUTH_SCHEME".to_string(), "Token".to_string()),
+            ("SMALLEST_PROXY_LISTEN_ALLOW_REMOTE".to_string(), "false".to_string()),
+        ];
+        let c = load_text(None, "[listen]\naddress = \"127.0.0.1:1\"\n", &vars).expect("valid");
+        assert_eq!(c.listen.address.as_deref(), Some("127.0.0.1:9999"));
+        assert_eq!(c.auth.scheme, AuthScheme::Token);
+
+        let bad = vec![("SMALLEST_PROXY_LISTEN_ADDRESS".to_string(), "10.1.2.3:80".to_string())];
+        let e = load_text(None, "", &bad).unwrap_err();
+        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LISTEN_ADDRESS");
+
+        let unknown = vec![("SMALLEST_PROXY_NOPE".to_string(), "1".to_string())];
+        assert!(load_text(None, "", &unknown).is_err());
+    }
+
+    #[test]
+    fn unix_socket_alone_means_no_tcp() {
+        let c = load("[listen]\nunix_socket = \"/tmp/x.sock\"\n").unwrap();
+        assert_eq!(c.listen.tcp_address(), None);
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = load("[key]\nsource = \"file\"\nfile = \"/k\"\n").unwrap();
+        let again = load(&c.to_toml()).expect("printed config parses");
+        assert_eq!(c, again);
+    }
+}

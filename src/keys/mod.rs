@@ -1,0 +1,355 @@
+//! The API key: where it comes from, where it is kept, and how it is swapped.
+//!
+//! A [`KeySource`] fetches the key's value (env, file, ...: one trait implementation per
+//! backend). The [`KeyStore`] keeps the current [`ApiKey`] in an `ArcSwap` so the request path
+//! reads it with one atomic load and no lock; a request holds its `Arc<ApiKey>` for its whole
+//! life, so a rotation never changes the key under a request already in flight.
+//!
+//! Secret handling: the value lives in a `SecretString` (zeroised on drop) and in a
+//! `HeaderValue` marked sensitive (HPACK never indexes it, its `Debug` prints `Sensitive`).
+//! Nothing here formats the value into a log line, an error or a `Debug` string; errors carry
+//! only what failed and why, and the fingerprint (8 hex digits of SHA-256) is the only thing
+//! about a key that may be shown.
+
+pub mod env;
+pub mod file;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use zeroize::Zeroizing;
+
+use crate::config::{AuthScheme, Config, KeySourceKind};
+
+/// The longest key value accepted (DESIGN.md: ≤ 4 KiB).
+pub const MAX_KEY_LEN: usize = 4096;
+
+/// Why a key could not be had. Never contains the key or any other secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("cannot read key file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("the key source returned an unusable value: {0}")]
+    Invalid(&'static str),
+    #[error("{0}")]
+    Source(String),
+}
+
+/// A validated key, ready to inject.
+pub struct ApiKey {
+    secret: SecretString,
+    header: HeaderValue,
+    fingerprint: String,
+    fetched_at: Instant,
+}
+
+impl ApiKey {
+    /// Validate `value` and build the `Authorization` value once, so the request path only
+    /// clones a `HeaderValue` (a refcount bump) instead of formatting per request.
+    pub fn new(value: SecretString, scheme: AuthScheme) -> Result<ApiKey, KeyError> {
+        validate_key_value(value.expose_secret())?;
+        let mut text = Zeroizing::new(String::with_capacity(scheme.as_str().len() + 1 + value.expose_secret().len()));
+        text.push_str(scheme.as_str());
+        text.push(' ');
+        text.push_str(value.expose_secret());
+        let mut header = HeaderValue::from_str(&text).map_err(|_| KeyError::Invalid("not a valid header value"))?;
+        header.set_sensitive(true);
+        let fingerprint = fingerprint(value.expose_secret());
+        Ok(ApiKey { secret: value, header, fingerprint, fetched_at: Instant::now() })
+    }
+
+    /// The full `Authorization` header value (`Bearer <key>`), marked sensitive.
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// First 8 hex digits of the SHA-256 of the key: enough to tell keys apart, useless to an
+    /// attacker.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn age(&self) -> Duration {
+        self.fetched_at.elapsed()
+    }
+
+    /// Same key value as `other` (used to tell whether a refresh actually rotated the key).
+    pub fn same_value(&self, other: &ApiKey) -> bool {
+        self.secret.expose_secret() == other.secret.expose_secret()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+    }
+}
+
+/// The rules every source's value must pass: non-empty, visible ASCII only (so no CR/LF header
+/// injection and no stray spaces), at most 4 KiB.
+pub fn validate_key_value(value: &str) -> Result<(), KeyError> {
+    if value.is_empty() {
+        return Err(KeyError::Invalid("the value is empty"));
+    }
+    if value.len() > MAX_KEY_LEN {
+        return Err(KeyError::Invalid("the value is longer than 4 KiB"));
+    }
+    if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+        return Err(KeyError::Invalid("the value contains a line break"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(KeyError::Invalid("the value contains characters other than visible ASCII"));
+    }
+    Ok(())
+}
+
+pub fn fingerprint(value: &str) -> String {
+    let digest = Sha256::digest(value.as_bytes());
+    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// One backend that can produce the key's current value.
+#[async_trait::async_trait]
+pub trait KeySource: Send + Sync + 'static {
+    /// Short name for logs, `/ready` and metrics: `env`, `file`, `vault`, `aws`.
+    fn kind(&self) -> &'static str;
+    /// Fetch the current value. Must not log or embed the value in the error.
+    async fn fetch(&self) -> Result<SecretString, KeyError>;
+    /// Whether the value can change while the process runs (env cannot).
+    fn rotates(&self) -> bool {
+        true
+    }
+}
+
+/// Build the configured source.
+pub fn source_from_config(config: &Config) -> Arc<dyn KeySource> {
+    match config.key.source {
+        KeySourceKind::Env => Arc::new(env::EnvSource::new(&config.key.env)),
+        KeySourceKind::File => Arc::new(file::FileSource::new(config.key.file.clone().unwrap_or_default())),
+    }
+}
+
+/// What `/ready` reports about the key, without the key.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyStatus {
+    pub source: &'static str,
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The current key and the machinery to replace it.
+pub struct KeyStore {
+    current: ArcSwapOption<ApiKey>,
+    source: Arc<dyn KeySource>,
+    scheme: AuthScheme,
+    max_stale: Duration,
+    /// Serialises fetches; together with `generation` makes a burst of refresh requests cost
+    /// one fetch (single-flight).
+    fetch_lock: tokio::sync::Mutex<()>,
+    generation: AtomicU64,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Wakes the refresher for an on-demand fetch (SIGHUP, file change).
+    wake: tokio::sync::Notify,
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyStore").field("source", &self.source.kind()).field("current", &self.current.load()).finish()
+    }
+}
+
+impl KeyStore {
+    pub fn new(source: Arc<dyn KeySource>, scheme: AuthScheme, max_stale: Duration) -> KeyStore {
+        KeyStore {
+            current: ArcSwapOption::empty(),
+            source,
+            scheme,
+            max_stale,
+            fetch_lock: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Ask the refresher to fetch now (coalesced with any fetch already under way).
+    pub fn request_refresh(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn source_kind(&self) -> &'static str {
+        self.source.kind()
+    }
+
+    pub fn source_rotates(&self) -> bool {
+        self.source.rotates()
+    }
+
+    /// The key to use for a request starting now, or `None` when there is no usable key (never
+    /// fetched, or older than `max_stale` while the source fails). One atomic load.
+    pub fn current(&self) -> Option<Arc<ApiKey>> {
+        let key = self.current.load_full()?;
+        if self.source.rotates() && key.age() > self.max_stale && self.last_error_message().is_some() {
+            return None;
+        }
+        Some(key)
+    }
+
+    /// Fetch from the source now and swap the key in if it is valid. Concurrent callers share
+    /// one fetch: whoever waited on the lock while another fetched returns that result.
+    pub async fn refresh(&self) -> Result<Arc<ApiKey>, KeyError> {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _fetching = self.fetch_lock.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            if let Some(key) = self.current.load_full() {
+                return Ok(key);
+            }
+        }
+        let result = self.source.fetch().await.and_then(|value| ApiKey::new(value, self.scheme));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match result {
+            Ok(key) => {
+                let key = Arc::new(key);
+                let previous = self.current.swap(Some(key.clone()));
+                match previous {
+                    Some(old) if old.same_value(&key) => {
+                        // Same value: keep the old Arc's identity irrelevant, but reset its age.
+                    }
+                    Some(old) => tracing::info!(source = self.source.kind(), old = old.fingerprint(), new = key.fingerprint(), "API key rotated"),
+                    None => tracing::info!(source = self.source.kind(), fingerprint = key.fingerprint(), "API key loaded"),
+                }
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                Ok(key)
+            }
+            Err(err) => {
+                tracing::warn!(source = self.source.kind(), error = %err, "key refresh failed; keeping the last good key");
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some((err.to_string(), SystemTime::now()));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn last_error_message(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.as_ref().map(|(m, _)| m.clone()))
+    }
+
+    pub fn status(&self) -> KeyStatus {
+        let key = self.current();
+        KeyStatus {
+            source: self.source.kind(),
+            ready: key.is_some(),
+            fingerprint: key.as_ref().map(|k| k.fingerprint().to_string()),
+            age_seconds: key.as_ref().map(|k| k.age().as_secs()),
+            last_error: self.last_error_message(),
+        }
+    }
+}
+
+/// Backoff after a failed fetch starts here and doubles up to [`MAX_RETRY_BACKOFF`].
+pub const MIN_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The one background task per store: fetch every `interval` (±10% jitter so replicas started
+/// together do not hit the source together), at once when woken, and after a failure again
+/// with exponential backoff. Sources that cannot rotate (env) get no task.
+pub fn spawn_refresher(keys: Arc<KeyStore>, interval: Duration, stop: tokio_util::sync::CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    if !keys.source_rotates() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut backoff = MIN_RETRY_BACKOFF;
+        let mut last_ok = keys.status().last_error.is_none() && keys.current().is_some();
+        loop {
+            let wait = if last_ok { jittered(interval) } else { backoff };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = keys.wake.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            last_ok = keys.refresh().await.is_ok();
+            backoff = if last_ok { MIN_RETRY_BACKOFF } else { (backoff * 2).min(MAX_RETRY_BACKOFF) };
+        }
+    }))
+}
+
+fn jittered(interval: Duration) -> Duration {
+    let factor = rand::Rng::gen_range(&mut rand::thread_rng(), 0.9..=1.1);
+    interval.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(&'static str);
+
+    #[async_trait::async_trait]
+    impl KeySource for Fixed {
+        fn kind(&self) -> &'static str {
+            "fixed"
+        }
+        async fn fetch(&self) -> Result<SecretString, KeyError> {
+            Ok(SecretString::from(self.0))
+        }
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for bad in ["", "a\r\nX-Evil: 1", "with space", "tab\tkey", "ünïcode"] {
+            assert!(validate_key_value(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_key_value(&"k".repeat(4097)).is_err());
+        validate_key_value(&"k".repeat(4096)).expect("4 KiB is allowed");
+        validate_key_value("sk_live-abc.DEF~123").expect("ordinary key");
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let key = ApiKey::new(SecretString::from("sk-very-secret-value"), AuthScheme::Bearer).unwrap();
+        let shown = format!("{key:?} {:?}", key.authorization());
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert_eq!(key.authorization().to_str().unwrap(), "Bearer sk-very-secret-value");
+        assert!(key.authorization().is_sensitive());
+    }
+
+    #[test]
+    fn token_scheme_for_self_hosted() {
+        let key = ApiKey::new(SecretString::from("abc"), AuthScheme::Token).unwrap();
+        assert_eq!(key.authorization().to_str().unwrap(), "Token abc");
+    }
+
+    #[test]
+    fn fingerprint_is_8_hex_of_sha256() {
+        // sha256("abc") = ba7816bf...
+        assert_eq!(fingerprint("abc"), "ba7816bf");
+    }
+
+    #[tokio::test]
+    async fn store_serves_the_fetched_key() {
+        let store = KeyStore::new(Arc::new(Fixed("k1")), AuthScheme::Bearer, Duration::from_secs(60));
+        assert!(store.current().is_none());
+        assert!(!store.status().ready);
+        store.refresh().await.unwrap();
+        assert_eq!(store.current().unwrap().authorization(), "Bearer k1");
+        let status = store.status();
+        assert!(status.ready);
+        assert_eq!(status.fingerprint.as_deref(), Some(fingerprint("k1").as_str()));
+        assert!(!format!("{store:?}").contains("k1"));
+    }
+}

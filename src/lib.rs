@@ -1,0 +1,91 @@
+//! smallest-proxy: a local sidecar that adds the Smallest AI API key to requests from apps
+//! that hold no credentials, and forwards them over verified TLS.
+//!
+//! [`run`] is the seam: `main.rs` and the integration tests both build a [`Config`], bind
+//! [`Listeners`], and call it. Module map (a room per concern):
+//! `config` (the TOML contract), `keys` (sources and rotation), `proxy` (the request path),
+//! `admin` (`/health`, `/ready`), `server` (listeners and connections), `error` (the JSON
+//! error table).
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod server;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use server::Listeners;
+
+use keys::KeyStore;
+use proxy::body::ProxyBody;
+use proxy::guard::{Guard, Transport};
+use proxy::Proxy;
+
+/// How long start-up waits for the first key fetch before serving anyway (with `/ready` 503
+/// and `KEY_UNAVAILABLE` answers until the source comes up).
+pub const INITIAL_KEY_WAIT: Duration = Duration::from_secs(2);
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    proxy: Proxy,
+    keys: Arc<KeyStore>,
+}
+
+impl App {
+    async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+        if admin::is_admin_request(&req) {
+            return admin::respond(&req, &self.keys);
+        }
+        self.proxy.handle(req, transport).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Upstream(#[from] proxy::forward::UpstreamSetupError),
+}
+
+/// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let upstream = proxy::forward::Upstream::new(&config.upstream)?;
+    let keys = Arc::new(KeyStore::new(keys::source_from_config(&config), config.auth.scheme, config.key.max_stale));
+    let token = CancellationToken::new();
+
+    // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
+    let _ = tokio::time::timeout(INITIAL_KEY_WAIT, keys.refresh()).await;
+    let refresher = keys::spawn_refresher(keys.clone(), config.key.refresh_interval, token.clone());
+
+    let guard = Guard { check_host: !config.listen.allow_remote, allowed_origins: config.listen.allowed_origins.clone() };
+    let app = Arc::new(App { proxy: Proxy::new(upstream, keys.clone(), guard), keys: keys.clone() });
+
+    let status = keys.status();
+    tracing::info!(
+        listen = %listeners.describe(),
+        upstream = %config.upstream.url,
+        key_source = status.source,
+        key_fingerprint = status.fingerprint.as_deref().unwrap_or("none yet"),
+        "smallest-proxy serving"
+    );
+
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    server::serve(app, listeners, token.clone(), &config.listen).await;
+    token.cancel();
+    if let Some(refresher) = refresher {
+        let _ = refresher.await;
+    }
+    tracing::info!("smallest-proxy stopped");
+    Ok(())
+}

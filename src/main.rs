@@ -1,0 +1,166 @@
+//! The command line: parse arguments, load the config, set up logging and signals, and hand
+//! over to [`smallest_proxy::run`]. Nothing else lives here.
+//!
+//! Exit codes: 0 success, 1 a bad config or a runtime failure, 2 no key configured (and
+//! command-line usage errors, as clap reports them).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
+use smallest_proxy::Listeners;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "smallest-proxy", version, about = "Call the Smallest AI APIs through a local proxy that holds the key")]
+struct Cli {
+    /// TOML config file (see proxy.toml.example). Without one: 127.0.0.1:8787, key from SMALLEST_API_KEY.
+    #[arg(long, short, env = CONFIG_PATH_ENV, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config and print the effective settings (no secrets), then exit.
+    Check,
+    /// Ask a running proxy for /health; exit 0 when healthy (for container HEALTHCHECKs).
+    Health {
+        /// Where to ask; defaults to the configured listen address.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    harden_process();
+    let cli = Cli::parse();
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &vars) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!("# effective configuration ({})", cli.config.as_ref().map_or("defaults and environment".to_string(), |p| p.display().to_string()));
+            print!("{}", config.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Health { url } => health(url, &config),
+        Command::Run => {
+            if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty()) {
+                eprintln!(
+                    "error: {} is not set: export {}=<your Smallest API key>, or pass --config FILE with a [key] source",
+                    config.key.env, config.key.env
+                );
+                return ExitCode::from(2);
+            }
+            init_logging(&config);
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listeners = Listeners::bind(&config.listen).await?;
+        smallest_proxy::run(config, listeners, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT starts the drain; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested; draining (send the signal again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(0);
+    });
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .ok()
+        .or_else(|| config.log.level.as_deref().and_then(|l| EnvFilter::try_new(l).ok()))
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A same-uid process must not read the key from our memory or a core dump.
+fn harden_process() {
+    // SAFETY: plain syscalls with constant arguments; failure only means less hardening.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
+}
+
+/// `smallest-proxy health`: a tiny HTTP/1.1 GET so container images need no curl.
+fn health(url: Option<String>, config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    let target = url.unwrap_or_else(|| {
+        let address = config.listen.tcp_address().map_or("127.0.0.1:8787".to_string(), |a| a.to_string());
+        format!("http://{address}/health")
+    });
+    let Some(rest) = target.strip_prefix("http://") else {
+        eprintln!("error: --url must be an http:// URL");
+        return ExitCode::from(1);
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, "/health".to_string()), |(a, p)| (a, format!("/{p}")));
+    let result = (|| -> std::io::Result<String> {
+        let timeout = std::time::Duration::from_secs(5);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match result {
+        Ok(response) if response.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!("unhealthy: {}", response.lines().next().unwrap_or(""));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {target}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The upstream side: verified TLS, pooled connections, timeouts, and error classification.
+//!
+//! Two pooled clients share one TLS configuration. The main one offers ALPN `h2` and
+//! `http/1.1` so requests multiplex over HTTP/2 when the upstream speaks it; the WebSocket one
+//! offers only `http/1.1`, because the upgrade handshake (RFC 6455) is an HTTP/1.1 mechanism.
+//! Redirects are never followed (hyper's client does not), so the key can only ever travel to
+//! the configured authority.
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::body::ProxyBody;
+use super::rewrite::UpstreamBase;
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// Pooled clients to the one upstream.
+pub struct Upstream {
+    pub base: UpstreamBase,
+    client: HttpsClient,
+    websocket_client: HttpsClient,
+    response_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("upstream.url: {0}")]
+    Url(String),
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+        let base = UpstreamBase::parse(&config.url).map_err(UpstreamSetupError::Url)?;
+        let tls = Arc::new(tls_config(config)?);
+        let mut tls_http1 = (*tls).clone();
+        tls_http1.alpn_protocols.clear();
+
+        let connector = |tls: rustls::ClientConfig, http2: bool| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(config.connect_timeout));
+            let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+            if http2 {
+                builder.enable_http1().enable_http2().wrap_connector(http)
+            } else {
+                builder.enable_http1().wrap_connector(http)
+            }
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .http2_adaptive_window(true)
+            .build(connector((*tls).clone(), true));
+        let websocket_client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(connector(tls_http1, false));
+        Ok(Upstream { base, client, websocket_client, response_timeout: config.response_timeout })
+    }
+
+    /// Send a request and wait for the response head (bounded by `response_timeout`); the body
+    /// then streams with no overall deadline.
+    pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<Incoming>, ProxyError> {
+        let client = if websocket { &self.websocket_client } else { &self.client };
+        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify(&err, &self.base)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+                "{} did not answer within {}",
+                self.base.authority,
+                humantime::format_duration(self.response_timeout)
+            ))),
+        }
+    }
+}
+
+/// The public web roots plus the optional `ca_file`, ring crypto, TLS 1.2 and 1.3.
+fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamSetupError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &config.ca_file {
+        let ca_err = |reason: String| UpstreamSetupError::CaFile { path: path.display().to_string(), reason };
+        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| ca_err(format!("not PEM: {e}")))?;
+            roots.add(cert).map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca_err("holds no PEM certificate".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tls)
+}
+
+/// Map a client error to the proxy's table: TLS failures, timeouts, and everything else that
+/// means "could not get an answer" (refused, reset, DNS).
+fn classify(err: &hyper_util::client::legacy::Error, base: &UpstreamBase) -> ProxyError {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    let mut root = String::new();
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return ProxyError::UpstreamTls(format!("TLS with {} failed: {tls}", base.authority));
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return ProxyError::UpstreamTls(format!("TLS with {} failed: {tls}", base.authority));
+            }
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ProxyError::UpstreamTimeout(format!("connecting to {} timed out", base.authority));
+            }
+        }
+        root = e.to_string();
+        source = e.source();
+    }
+    let what = if err.is_connect() { "cannot connect to" } else { "lost the connection to" };
+    ProxyError::UpstreamUnavailable(format!("{what} {}: {root}", base.authority))
+}

@@ -1,0 +1,124 @@
+//! What the proxy refuses before anything is forwarded: it is a credential injector for one
+//! upstream, not an open proxy, and a browser page must not be able to spend the key.
+//!
+//! - `CONNECT` → 405: no tunnels to arbitrary hosts.
+//! - absolute-form request targets (`GET http://evil/ HTTP/1.1`) naming anything but this
+//!   loopback proxy → 400.
+//! - a `Host` that is not loopback on a loopback TCP listener → 421 (DNS rebinding: a page on
+//!   `evil.example` resolving to 127.0.0.1 still sends `Host: evil.example`).
+//! - a browser `Origin` not explicitly allowed → 403.
+
+use http::{header, Method, Request};
+
+use crate::config::host_is_loopback;
+use crate::error::ProxyError;
+
+/// The guard's settings, derived from `[listen]`.
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    /// Host checking is for loopback TCP listeners; with `allow_remote` the operator has chosen
+    /// to serve other names (a pod IP, a service name).
+    pub check_host: bool,
+    pub allowed_origins: Vec<String>,
+}
+
+/// How the client reached us; Unix-socket callers cannot be browsers, so Host is not checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+impl Guard {
+    pub fn check<B>(&self, req: &Request<B>, transport: Transport) -> Result<(), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed("CONNECT is not supported: this is not a forward proxy".into()));
+        }
+        if let Some(authority) = req.uri().authority() {
+            if !host_is_loopback(authority.host()) {
+                return Err(ProxyError::BadRequest(format!(
+                    "absolute-form request for {:?}: this proxy forwards only to its configured upstream; send the path alone",
+                    authority.host()
+                )));
+            }
+        }
+        if self.check_host && transport == Transport::Tcp {
+            if let Some(host) = req.headers().get(header::HOST) {
+                let host = host.to_str().unwrap_or("");
+                if !host_is_loopback(host_without_port(host)) {
+                    return Err(ProxyError::ForbiddenHost(format!(
+                        "Host {host:?} is not a loopback name; call the proxy as 127.0.0.1, localhost or [::1]"
+                    )));
+                }
+            }
+        }
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            if !self.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+                return Err(ProxyError::ForbiddenOrigin(format!(
+                    "requests from browser pages (Origin {origin:?}) are refused; list the origin in listen.allowed_origins to allow it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    host.rsplit_once(':').map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, uri: &str, host: Option<&str>, origin: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn guard() -> Guard {
+        Guard { check_host: true, allowed_origins: vec!["http://localhost:3000".into()] }
+    }
+
+    #[test]
+    fn connect_is_405() {
+        let e = guard().check(&req("CONNECT", "evil.example:443", None, None), Transport::Tcp).unwrap_err();
+        assert_eq!(e.status_and_code().0, 405);
+    }
+
+    #[test]
+    fn absolute_form_for_other_hosts_is_400_but_loopback_is_fine() {
+        let e = guard().check(&req("GET", "http://evil.example/x", None, None), Transport::Tcp).unwrap_err();
+        assert_eq!(e.status_and_code().1, "BAD_REQUEST");
+        guard().check(&req("GET", "http://127.0.0.1:8787/x", Some("127.0.0.1:8787"), None), Transport::Tcp).unwrap();
+    }
+
+    #[test]
+    fn loopback_hosts_pass_others_are_421() {
+        for ok in ["127.0.0.1", "127.0.0.1:8787", "localhost:1", "LOCALHOST", "[::1]:8787", "[::1]"] {
+            guard().check(&req("GET", "/", Some(ok), None), Transport::Tcp).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+        }
+        for bad in ["evil.example", "evil.example:8787", "10.0.0.1:8787", "localhost.evil.example"] {
+            let e = guard().check(&req("GET", "/", Some(bad), None), Transport::Tcp).unwrap_err();
+            assert_eq!(e.status_and_code().0, 421, "{bad}");
+        }
+        guard().check(&req("GET", "/", Some("anything"), None), Transport::Unix).unwrap();
+    }
+
+    #[test]
+    fn browser_origins_are_refused_unless_listed() {
+        let e = guard().check(&req("POST", "/", Some("localhost"), Some("https://evil.example")), Transport::Tcp).unwrap_err();
+        assert_eq!(e.status_and_code(), (http::StatusCode::FORBIDDEN, "FORBIDDEN_ORIGIN"));
+        guard().check(&req("POST", "/", Some("localhost"), Some("http://localhost:3000")), Transport::Tcp).unwrap();
+    }
+}

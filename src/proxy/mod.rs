@@ -1,0 +1,101 @@
+//! The request path: guard → key → rewrite → forward → respond (DESIGN.md, "One request").
+//!
+//! [`Proxy::handle`] is the whole per-request behaviour; each step lives in its own file:
+//! `guard` (what is refused), `rewrite` (headers and URI), `forward` (the upstream clients),
+//! `upgrade` (WebSocket tunnels), `body` (the streamed body type). Errors anywhere become one
+//! JSON answer from [`crate::error`]; upstream answers, errors included, pass through as they are.
+
+pub mod body;
+pub mod forward;
+pub mod guard;
+pub mod rewrite;
+pub mod upgrade;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+use crate::error::ProxyError;
+use crate::keys::KeyStore;
+use body::ProxyBody;
+use forward::Upstream;
+use guard::{Guard, Transport};
+
+/// Correlates a client's request, our log line and the upstream's request.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+pub struct Proxy {
+    upstream: Upstream,
+    keys: Arc<KeyStore>,
+    guard: Guard,
+}
+
+impl Proxy {
+    pub fn new(upstream: Upstream, keys: Arc<KeyStore>, guard: Guard) -> Proxy {
+        Proxy { upstream, keys, guard }
+    }
+
+    /// Forward one client request; never fails (errors are answered as JSON).
+    pub async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+        let request_id = request_id(&req);
+        let mut response = match self.forward(req, transport, &request_id).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
+                err.into_response(&request_id)
+            }
+        };
+        if !response.headers().contains_key(REQUEST_ID_HEADER) {
+            if let Ok(id) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, id);
+            }
+        }
+        response
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, transport: Transport, request_id: &str) -> Result<Response<ProxyBody>, ProxyError> {
+        self.guard.check(&req, transport)?;
+        // One load: this request (and its tunnel, if any) keeps this key even if it rotates now.
+        let key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
+        let websocket = upgrade::is_websocket_upgrade(&req);
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let uri = self.upstream.base.uri_for(parts.uri.path_and_query())?;
+        rewrite::rewrite_request_headers(&mut parts.headers, key.authorization());
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            parts.headers.insert(REQUEST_ID_HEADER, id);
+        }
+        let body = if websocket {
+            upgrade::restore_upgrade_headers(&mut parts.headers);
+            ProxyBody::Empty
+        } else {
+            ProxyBody::Incoming(body)
+        };
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, body);
+
+        let response = self.upstream.send(upstream_request, websocket).await?;
+        if let Some(client_upgrade) = client_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(upgrade::open_tunnel(client_upgrade, response, request_id.to_string()));
+            }
+        }
+        let (mut parts, body) = response.into_parts();
+        rewrite::strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+    }
+}
+
+/// The client's `X-Request-Id` when it is a sane token, else a fresh random one.
+fn request_id<B>(req: &Request<B>) -> String {
+    if let Some(given) = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
+        if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
+            return given.to_string();
+        }
+    }
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,133 @@
+//! Header and URI rewriting between the client's request and the upstream's.
+//!
+//! Order matters and is the security property here: everything the client could use to smuggle
+//! its own credentials or framing is removed first (its `Authorization`, `Proxy-*`, hop-by-hop
+//! headers and every header its `Connection` names), and only then is the key inserted, so no
+//! client header can ever displace, duplicate or follow the injected one.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+use crate::error::ProxyError;
+
+/// Headers that describe one hop, never the message (RFC 9110 §7.6.1), plus the proxy-auth
+/// pair. `Upgrade` and `Connection` are re-added for a WebSocket handshake by the caller.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Remove hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect the names `Connection` lists before removing `Connection` itself.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Prepare a client request's headers for the upstream: strip, then inject the key.
+pub fn rewrite_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    // hyper derives Host (HTTP/1.1) or :authority (HTTP/2) from the upstream URI.
+    headers.remove(header::HOST);
+    headers.insert(header::AUTHORIZATION, authorization.clone());
+}
+
+/// The upstream's scheme, authority and optional base path, parsed once at start.
+#[derive(Debug, Clone)]
+pub struct UpstreamBase {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of the upstream URL without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl UpstreamBase {
+    pub fn parse(url: &str) -> Result<UpstreamBase, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| format!("{url:?} has no scheme"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))?;
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamBase { scheme, authority, base_path })
+    }
+
+    /// Upstream URI for the client's path and query, kept byte for byte.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let pq = path_and_query.map_or("/", |pq| pq.as_str());
+        let builder = Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone());
+        let result = if self.base_path.is_empty() {
+            builder.path_and_query(pq).build()
+        } else {
+            builder.path_and_query(format!("{}{}", self.base_path, pq)).build()
+        };
+        result.map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> HeaderValue {
+        let mut v = HeaderValue::from_static("Bearer sk-proxy");
+        v.set_sensitive(true);
+        v
+    }
+
+    #[test]
+    fn connection_named_headers_are_removed_before_injection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, Authorization, X-Secret"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client-key"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8787"));
+        rewrite_request_headers(&mut h, &key());
+        assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(h[header::AUTHORIZATION], "Bearer sk-proxy");
+        for gone in ["connection", "x-secret", "proxy-authorization", "transfer-encoding", "host"] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn several_client_authorizations_all_go() {
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        rewrite_request_headers(&mut h, &key());
+        let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(all, vec![&key()]);
+    }
+
+    #[test]
+    fn uri_keeps_path_and_query_and_base_path() {
+        let base = UpstreamBase::parse("https://api.smallest.ai").unwrap();
+        let pq: PathAndQuery = "/waves/v1/lightning/get_speech?x=1&y=%20".parse().unwrap();
+        assert_eq!(base.uri_for(Some(&pq)).unwrap().to_string(), "https://api.smallest.ai/waves/v1/lightning/get_speech?x=1&y=%20");
+        let base = UpstreamBase::parse("https://host:8443/prefix/").unwrap();
+        assert_eq!(base.uri_for(Some(&pq)).unwrap().to_string(), "https://host:8443/prefix/waves/v1/lightning/get_speech?x=1&y=%20");
+    }
+}

@@ -1,0 +1,60 @@
+//! WebSocket pass-through: the handshake is forwarded like any request (with the key), and
+//! only when the upstream answers `101 Switching Protocols` are the two upgraded connections
+//! joined. Any other answer (401, 429, a 200 from a misconfigured server) goes back to the
+//! client as a plain response and no tunnel is opened.
+//!
+//! The tunnel copies bytes, not messages: frames, masking, close codes and negotiated
+//! extensions pass through unchanged in both directions, and the proxy spends no CPU parsing
+//! audio frames it has no business reading.
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::body::ProxyBody;
+use super::rewrite::strip_hop_by_hop;
+
+/// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
+pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+/// Add back the two hop-by-hop headers a handshake needs, after the generic strip removed them.
+pub fn restore_upgrade_headers(headers: &mut http::HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// Answer the client's handshake with the upstream's 101 and join the two connections once
+/// both sides have switched. The copy task ends when either side closes.
+pub fn open_tunnel(client: OnUpgrade, mut upstream_response: Response<Incoming>, request_id: String) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut upstream_response);
+    let (mut parts, _empty) = upstream_response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    restore_upgrade_headers(&mut parts.headers);
+    tokio::spawn(async move {
+        let (client, upstream) = tokio::join!(client, upstream);
+        match (client, upstream) {
+            (Ok(client), Ok(upstream)) => {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((sent, received)) => tracing::debug!(request_id, sent, received, "websocket tunnel closed"),
+                    Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::debug!(request_id, error = %e, "websocket upgrade did not complete"),
+        }
+    });
+    Response::from_parts(parts, ProxyBody::Empty)
+}
