@@ -120,22 +120,25 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamS
 /// Map a client error to the proxy's table: TLS failures, timeouts, and everything else that
 /// means "could not get an answer" (refused, reset, DNS).
 fn classify(err: &hyper_util::client::legacy::Error, base: &UpstreamBase) -> ProxyError {
+    // Walk the cause chain. `io::Error::source()` skips the error it wraps, and hyper-rustls
+    // nests the rustls error two io::Errors deep, so io errors are descended via `get_ref`.
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     let mut root = String::new();
     while let Some(e) = source {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return ProxyError::UpstreamTls(format!("TLS with {} failed: {tls}", base.authority));
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return ProxyError::UpstreamTls(format!("TLS with {} failed: {tls}", base.authority));
-            }
-            if io.kind() == std::io::ErrorKind::TimedOut {
+        root = e.to_string();
+        source = match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::TimedOut => {
                 return ProxyError::UpstreamTimeout(format!("connecting to {} timed out", base.authority));
             }
-        }
-        root = e.to_string();
-        source = e.source();
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn StdError + 'static)),
+                None => None,
+            },
+            None => e.source(),
+        };
     }
     let what = if err.is_connect() { "cannot connect to" } else { "lost the connection to" };
     ProxyError::UpstreamUnavailable(format!("{what} {}: {root}", base.authority))

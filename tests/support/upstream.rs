@@ -1,0 +1,307 @@
+//! A real TLS upstream for the tests: rustls with certificates made by rcgen, HTTP/1.1 and
+//! HTTP/2 (ALPN), WebSocket echo, SSE, big streamed bodies. It records every request exactly as
+//! it arrived so a test can assert what the proxy sent.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use super::pattern;
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The body, for requests to paths other than `/upload` (which only counts).
+    pub body: Bytes,
+}
+
+/// Test certificates: a CA the proxy trusts (written to `ca_file`) and a leaf for
+/// `localhost` / `127.0.0.1` signed by it.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca_file: PathBuf,
+    pub cert_der: rustls::pki_types::CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "smallest-proxy test CA");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+        let leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("leaf params");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf_cert = leaf_params.signed_by(&leaf_key, &ca_cert, &ca_key).expect("leaf cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).expect("write ca");
+        TestPki { dir, ca_file, cert_der: leaf_cert.der().clone(), key_der: leaf_key.serialize_der() }
+    }
+}
+
+/// Options for one upstream.
+#[derive(Clone, Copy)]
+pub struct UpstreamOptions {
+    /// Offer `h2` in ALPN (the proxy should then use HTTP/2).
+    pub http2: bool,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        UpstreamOptions { http2: true }
+    }
+}
+
+#[derive(Default)]
+pub struct UpstreamState {
+    pub records: Mutex<Vec<Recorded>>,
+    pub connections: AtomicUsize,
+    /// `/sse` sends its first event, then waits for this before the rest.
+    pub sse_release: Notify,
+    /// Set once `/sse` has written its last event.
+    pub sse_finished: AtomicBool,
+    /// `/hang` waits on this forever (tests of timeouts and cancellation).
+    pub hang: Notify,
+    /// WebSocket handshakes the upstream accepted.
+    pub websocket_handshakes: Mutex<Vec<HeaderMap>>,
+}
+
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub pki: TestPki,
+    pub state: Arc<UpstreamState>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> TestUpstream {
+        Self::start_with(UpstreamOptions::default()).await
+    }
+
+    pub async fn start_with(options: UpstreamOptions) -> TestUpstream {
+        let pki = TestPki::new();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![pki.cert_der.clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()))
+            .expect("server cert");
+        tls.alpn_protocols = if options.http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(UpstreamState::default());
+        let accept_state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                accept_state.connections.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = service_fn(move |req| handle(req, state.clone()));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        TestUpstream { addr, pki, state }
+    }
+
+    /// `https://localhost:PORT`, what the proxy's `upstream.url` should be.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    pub fn records(&self) -> Vec<Recorded> {
+        self.state.records.lock().expect("records").clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<UpBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("response")
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result<Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let params = query(&req);
+    let record = |body: Bytes| Recorded {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+        body,
+    };
+
+    if path.starts_with("/ws") || path.ends_with("/live") || path.contains("realtime") {
+        let rec = record(Bytes::new());
+        state.records.lock().expect("records").push(rec);
+        return Ok(websocket_echo(&mut req, &state));
+    }
+    if path == "/upload" {
+        let rec = record(Bytes::new());
+        state.records.lock().expect("records").push(rec);
+        let mut body = req.into_body();
+        let mut checker = pattern::Checker::default();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        checker.feed(data);
+                    }
+                }
+                Err(e) => return Ok(full(StatusCode::BAD_REQUEST, "text/plain", format!("body error: {e}"))),
+            }
+        }
+        let answer = serde_json::json!({"bytes": checker.len, "pattern_ok": checker.ok});
+        return Ok(full(StatusCode::OK, "application/json", answer.to_string()));
+    }
+
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let rec = Recorded { method: parts.method.clone(), uri: parts.uri.clone(), version: parts.version, headers: parts.headers.clone(), body: bytes.clone() };
+    state.records.lock().expect("records").push(rec);
+
+    let response = match path.as_str() {
+        "/download" => {
+            let total: u64 = params.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(1024);
+            let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+                if sent >= total {
+                    return None;
+                }
+                let n = (total - sent).min(64 * 1024) as usize;
+                let chunk = pattern::chunk(sent, n);
+                Some((Ok::<_, Infallible>(Frame::data(chunk)), sent + n as u64))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(header::CONTENT_LENGTH, total)
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response")
+        }
+        "/sse" => {
+            let state = state.clone();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"event: audio\ndata: first\n\n")).await;
+                state.sse_release.notified().await;
+                for i in 2..=3 {
+                    let _ = tx.send(Bytes::from(format!("event: audio\ndata: event-{i}\n\n"))).await;
+                }
+                state.sse_finished.store(true, Ordering::SeqCst);
+            });
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response")
+        }
+        "/hang" => {
+            state.hang.notified().await;
+            full(StatusCode::OK, "text/plain", "released")
+        }
+        "/redirect" => Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, "https://elsewhere.example/steal")
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("response"),
+        p if p.starts_with("/status/") => {
+            let code = p.trim_start_matches("/status/").parse().unwrap_or(500);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            full(status, "application/json", format!("{{\"upstream_status\":{code}}}"))
+        }
+        _ => {
+            let mut response = full(StatusCode::OK, "application/octet-stream", bytes);
+            response.headers_mut().insert("x-upstream", header::HeaderValue::from_static("test"));
+            // A hop-by-hop header the proxy must not pass back.
+            response.headers_mut().insert("keep-alive", header::HeaderValue::from_static("timeout=5"));
+            response
+        }
+    };
+    Ok(response)
+}
+
+/// Accept a WebSocket handshake and echo messages; `close:<code>` makes the server close
+/// with that code.
+fn websocket_echo(req: &mut Request<Incoming>, state: &Arc<UpstreamState>) -> Response<UpBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Message, Role};
+
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "not a websocket handshake");
+    };
+    if req.uri().path().contains("reject") {
+        return full(StatusCode::FORBIDDEN, "application/json", "{\"error\":\"no websockets here\"}");
+    }
+    state.websocket_handshakes.lock().expect("handshakes").push(req.headers().clone());
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Text(text) if text.starts_with("close:") => {
+                    let code: u16 = text.trim_start_matches("close:").parse().unwrap_or(1000);
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: "server closing".into() };
+                    let _ = ws.send(Message::Close(Some(frame))).await;
+                }
+                Message::Text(_) | Message::Binary(_) => {
+                    if ws.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => {}
+                _ => {}
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("response")
+}
