@@ -20,7 +20,8 @@ pub fn is_admin_request<B>(req: &Request<B>) -> bool {
 
 pub fn respond<B>(req: &Request<B>, keys: &KeyStore) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let body = serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
+        let body =
+            serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
         return json(StatusCode::METHOD_NOT_ALLOWED, &body);
     }
     match req.uri().path() {
@@ -45,7 +46,11 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore) -> Response<ProxyBody> {
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -236,7 +236,9 @@ impl Config {
     /// Defaults, then the file at `path` if any, then the `SMALLEST_PROXY_*` variables found
     /// in `vars` (the process environment, passed in so tests need not mutate it).
     pub fn load(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
-        let Some(path) = path else { return load_text(None, "", vars) };
+        let Some(path) = path else {
+            return load_text(None, "", vars);
+        };
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             location: path.display().to_string(),
             key: String::new(),
@@ -255,7 +257,9 @@ impl Config {
 /// Parse `text` (the file at `path`, or empty for defaults), merge the `SMALLEST_PROXY_*`
 /// overrides found in `vars`, deserialise and validate.
 pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
-    let file_name = path.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
+    let file_name = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "<defaults>".into());
     let mut table: toml::Table = toml::from_str(text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         ConfigError {
@@ -267,7 +271,11 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
     let overridden = apply_env_overrides(&mut table, vars)?;
 
     let locate = |key: &str| -> String {
-        if let Some(var) = overridden.iter().find(|(k, _)| k == key || key.starts_with(&format!("{k}."))).map(|(_, v)| v) {
+        if let Some(var) = overridden
+            .iter()
+            .find(|(k, _)| k == key || key.starts_with(&format!("{k}.")))
+            .map(|(_, v)| v)
+        {
             return format!("environment variable {var}");
         }
         match key_position(text, key) {
@@ -287,9 +295,17 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
                 key = format!("{key}.{field}");
             }
         }
-        ConfigError { location: locate(&key), key, message }
+        ConfigError {
+            location: locate(&key),
+            key,
+            message,
+        }
     })?;
-    config.validate().map_err(|(key, message)| ConfigError { location: locate(&key), key, message })?;
+    config.validate().map_err(|(key, message)| ConfigError {
+        location: locate(&key),
+        key,
+        message,
+    })?;
     Ok(config)
 }
 
@@ -310,14 +326,31 @@ impl Config {
             }
         }
         if u32::from_str_radix(self.listen.unix_socket_mode.trim_start_matches("0o"), 8).map_or(true, |m| m > 0o777) {
-            return err("listen.unix_socket_mode", format!("{:?} is not an octal file mode like \"0660\"", self.listen.unix_socket_mode));
+            return err(
+                "listen.unix_socket_mode",
+                format!(
+                    "{:?} is not an octal file mode like \"0660\"",
+                    self.listen.unix_socket_mode
+                ),
+            );
         }
         if self.listen.max_connections == 0 {
             return err("listen.max_connections", "must be at least 1".into());
         }
-        let url = self.upstream.url.parse::<http::Uri>().ok().filter(|u| u.authority().is_some());
+        let url = self
+            .upstream
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.authority().is_some());
         let Some(url) = url else {
-            return err("upstream.url", format!("{:?} is not an absolute URL like \"https://api.smallest.ai\"", self.upstream.url));
+            return err(
+                "upstream.url",
+                format!(
+                    "{:?} is not an absolute URL like \"https://api.smallest.ai\"",
+                    self.upstream.url
+                ),
+            );
         };
         if url.query().is_some() {
             return err("upstream.url", "must not carry a query string".into());
@@ -325,18 +358,31 @@ impl Config {
         match url.scheme_str() {
             Some("https") => {}
             Some("http") if host_is_loopback(url.host().unwrap_or_default()) => {}
-            Some("http") => {
-                return err("upstream.url", "plain http is allowed only to a loopback host: the key would cross the network in clear; use https".into())
+            Some("http") => return err(
+                "upstream.url",
+                "plain http is allowed only to a loopback host: the key would cross the network in clear; use https"
+                    .into(),
+            ),
+            _ => {
+                return err(
+                    "upstream.url",
+                    "the scheme must be https (or http to a loopback host)".into(),
+                )
             }
-            _ => return err("upstream.url", "the scheme must be https (or http to a loopback host)".into()),
         }
         if let Some(ca) = &self.upstream.ca_file {
             if !ca.is_file() {
-                return err("upstream.ca_file", format!("{} does not exist or is not a file", ca.display()));
+                return err(
+                    "upstream.ca_file",
+                    format!("{} does not exist or is not a file", ca.display()),
+                );
             }
         }
         if self.key.source == KeySourceKind::File && self.key.file.is_none() {
-            return err("key.file", "source = \"file\" needs `file`, the path of the file holding the key".into());
+            return err(
+                "key.file",
+                "source = \"file\" needs `file`, the path of the file holding the key".into(),
+            );
         }
         if self.key.source == KeySourceKind::Env && self.key.env.is_empty() {
             return err("key.env", "must name an environment variable".into());
@@ -346,7 +392,10 @@ impl Config {
         }
         if let Some(level) = &self.log.level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
-                return err("log.level", format!("{level:?} is not a log filter like \"info\" or \"smallest_proxy=debug\""));
+                return err(
+                    "log.level",
+                    format!("{level:?} is not a log filter like \"info\" or \"smallest_proxy=debug\""),
+                );
             }
         }
         Ok(())
@@ -367,19 +416,27 @@ const OVERRIDE_SECTIONS: &[&str] = &["listen", "upstream", "auth", "key", "log"]
 /// for each applied override so errors can blame the variable. Values are typed the way a
 /// shell user means them: `true`/`false` are booleans, plain digits are integers, anything
 /// else is a string (so `"0660"` and `"5m"` stay strings).
-fn apply_env_overrides(table: &mut toml::Table, vars: &[(String, String)]) -> Result<Vec<(String, String)>, ConfigError> {
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    vars: &[(String, String)],
+) -> Result<Vec<(String, String)>, ConfigError> {
     let mut applied = Vec::new();
     let mut sections: Vec<&str> = OVERRIDE_SECTIONS.to_vec();
     sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
     for (name, value) in vars {
-        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
+            continue;
+        };
         if name == CONFIG_PATH_ENV {
             continue;
         }
         let lower = rest.to_ascii_lowercase();
         let found = sections.iter().find_map(|section| {
             let prefix = format!("{}_", section.replace('.', "_"));
-            lower.strip_prefix(&prefix).filter(|k| !k.is_empty()).map(|k| (*section, k.to_string()))
+            lower
+                .strip_prefix(&prefix)
+                .filter(|k| !k.is_empty())
+                .map(|k| (*section, k.to_string()))
         });
         let Some((section, key)) = found else {
             return Err(ConfigError {
@@ -390,7 +447,9 @@ fn apply_env_overrides(table: &mut toml::Table, vars: &[(String, String)]) -> Re
         };
         let mut node = &mut *table;
         for part in section.split('.') {
-            let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = node
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             node = match entry {
                 toml::Value::Table(t) => t,
                 _ => {
@@ -468,8 +527,9 @@ pub mod duration_str {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"300ms\", \"5s\" or \"5m\": {e}")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"300ms\", \"5s\" or \"5m\": {e}"))
+        })
     }
 }
 
@@ -571,7 +631,10 @@ max_stale = "2h"
     #[test]
     fn env_overrides_win_and_are_blamed_by_name() {
         let vars = vec![
-            ("SMALLEST_PROXY_LISTEN_ADDRESS".to_string(), "127.0.0.1:9999".to_string()),
+            (
+                "SMALLEST_PROXY_LISTEN_ADDRESS".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
             ("SMALLEST_PROXY_AUTH_SCHEME".to_string(), "Token".to_string()),
             ("SMALLEST_PROXY_LISTEN_ALLOW_REMOTE".to_string(), "false".to_string()),
         ];
@@ -591,6 +654,20 @@ max_stale = "2h"
     fn unix_socket_alone_means_no_tcp() {
         let c = load("[listen]\nunix_socket = \"/tmp/x.sock\"\n").unwrap();
         assert_eq!(c.listen.tcp_address(), None);
+    }
+
+    #[test]
+    fn the_documented_example_is_exactly_the_defaults() {
+        let example = load_text(
+            Some(Path::new("proxy.toml.example")),
+            include_str!("../proxy.toml.example"),
+            &[],
+        )
+        .expect("proxy.toml.example is valid");
+        let mut defaults = load("").unwrap();
+        // The example spells out the default address; the default leaves it implicit.
+        defaults.listen.address = Some(DEFAULT_LISTEN_ADDRESS.into());
+        assert_eq!(example, defaults);
     }
 
     #[test]

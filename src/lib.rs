@@ -55,17 +55,31 @@ pub enum RunError {
 }
 
 /// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let upstream = proxy::forward::Upstream::new(&config.upstream)?;
-    let keys = Arc::new(KeyStore::new(keys::source_from_config(&config), config.auth.scheme, config.key.max_stale));
+    let keys = Arc::new(KeyStore::new(
+        keys::source_from_config(&config),
+        config.auth.scheme,
+        config.key.max_stale,
+    ));
     let token = CancellationToken::new();
 
     // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
     let _ = tokio::time::timeout(INITIAL_KEY_WAIT, keys.refresh()).await;
     let refresher = keys::spawn_refresher(keys.clone(), config.key.refresh_interval, token.clone());
 
-    let guard = Guard { check_host: !config.listen.allow_remote, allowed_origins: config.listen.allowed_origins.clone() };
-    let app = Arc::new(App { proxy: Proxy::new(upstream, keys.clone(), guard), keys: keys.clone() });
+    let guard = Guard {
+        check_host: !config.listen.allow_remote,
+        allowed_origins: config.listen.allowed_origins.clone(),
+    };
+    let app = Arc::new(App {
+        proxy: Proxy::new(upstream, keys.clone(), guard),
+        keys: keys.clone(),
+    });
 
     let status = keys.status();
     tracing::info!(

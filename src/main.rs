@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "smallest-proxy", version, about = "Call the Smallest AI APIs through a local proxy that holds the key")]
+#[command(
+    name = "smallest-proxy",
+    version,
+    about = "Call the Smallest AI APIs through a local proxy that holds the key"
+)]
 struct Cli {
     /// TOML config file (see proxy.toml.example). Without one: 127.0.0.1:8787, key from SMALLEST_API_KEY.
     #[arg(long, short, env = CONFIG_PATH_ENV, global = true)]
@@ -49,13 +53,19 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
-            println!("# effective configuration ({})", cli.config.as_ref().map_or("defaults and environment".to_string(), |p| p.display().to_string()));
+            println!(
+                "# effective configuration ({})",
+                cli.config
+                    .as_ref()
+                    .map_or("defaults and environment".to_string(), |p| p.display().to_string())
+            );
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),
         Command::Run => {
-            if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty()) {
+            if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty())
+            {
                 eprintln!(
                     "error: {} is not set: export {}=<your Smallest API key>, or pass --config FILE with a [key] source",
                     config.key.env, config.key.env
@@ -76,7 +86,10 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listeners = Listeners::bind(&config.listen).await?;
         smallest_proxy::run(config, listeners, shutdown_signal()).await?;
@@ -112,7 +125,10 @@ fn init_logging(config: &Config) {
         .or_else(|| config.log.level.as_deref().and_then(|l| EnvFilter::try_new(l).ok()))
         .unwrap_or_else(|| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -124,7 +140,10 @@ fn harden_process() {
     // SAFETY: plain syscalls with constant arguments; failure only means less hardening.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
     }
 }
@@ -133,14 +152,19 @@ fn harden_process() {
 fn health(url: Option<String>, config: &Config) -> ExitCode {
     use std::io::{Read, Write};
     let target = url.unwrap_or_else(|| {
-        let address = config.listen.tcp_address().map_or("127.0.0.1:8787".to_string(), |a| a.to_string());
+        let address = config
+            .listen
+            .tcp_address()
+            .map_or("127.0.0.1:8787".to_string(), |a| a.to_string());
         format!("http://{address}/health")
     });
     let Some(rest) = target.strip_prefix("http://") else {
         eprintln!("error: --url must be an http:// URL");
         return ExitCode::from(1);
     };
-    let (authority, path) = rest.split_once('/').map_or((rest, "/health".to_string()), |(a, p)| (a, format!("/{p}")));
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/health".to_string()), |(a, p)| (a, format!("/{p}")));
     let result = (|| -> std::io::Result<String> {
         let timeout = std::time::Duration::from_secs(5);
         let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
@@ -148,7 +172,10 @@ fn health(url: Option<String>, config: &Config) -> ExitCode {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
         let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         Ok(response)

@@ -67,14 +67,21 @@ impl Listeners {
 fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket; not replacing it", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; not replacing it", path.display()),
+            ));
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("another process is serving on {}", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another process is serving on {}", path.display()),
+            ));
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
@@ -83,18 +90,38 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
 pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationToken, config: &ListenConfig) {
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let settings = ConnSettings { header_read_timeout: config.header_read_timeout };
+    let settings = ConnSettings {
+        header_read_timeout: config.header_read_timeout,
+    };
     let mut accept_loops = Vec::new();
     for listener in listeners.tcp {
-        let ctx = AcceptCtx { app: app.clone(), connections: connections.clone(), slots: slots.clone(), shutdown: shutdown.clone(), settings };
+        let ctx = AcceptCtx {
+            app: app.clone(),
+            connections: connections.clone(),
+            slots: slots.clone(),
+            shutdown: shutdown.clone(),
+            settings,
+        };
         accept_loops.push(tokio::spawn(async move {
-            accept_loop(ctx, Transport::Tcp, || async { listener.accept().await.map(|(s, _)| s) }).await
+            accept_loop(ctx, Transport::Tcp, || async {
+                listener.accept().await.map(|(s, _)| s)
+            })
+            .await
         }));
     }
     for (listener, path) in listeners.unix {
-        let ctx = AcceptCtx { app: app.clone(), connections: connections.clone(), slots: slots.clone(), shutdown: shutdown.clone(), settings };
+        let ctx = AcceptCtx {
+            app: app.clone(),
+            connections: connections.clone(),
+            slots: slots.clone(),
+            shutdown: shutdown.clone(),
+            settings,
+        };
         accept_loops.push(tokio::spawn(async move {
-            accept_loop(ctx, Transport::Unix, || async { listener.accept().await.map(|(s, _)| s) }).await;
+            accept_loop(ctx, Transport::Unix, || async {
+                listener.accept().await.map(|(s, _)| s)
+            })
+            .await;
             let _ = std::fs::remove_file(&path);
         }));
     }
@@ -107,8 +134,14 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
     if open > 0 {
         tracing::info!(open, drain_timeout = %humantime::format_duration(config.drain_timeout), "draining open connections");
     }
-    if tokio::time::timeout(config.drain_timeout, connections.wait()).await.is_err() {
-        tracing::warn!(open = connections.len(), "drain timeout reached; closing what is still open");
+    if tokio::time::timeout(config.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "drain timeout reached; closing what is still open"
+        );
     }
 }
 
@@ -161,8 +194,13 @@ where
     }
 }
 
-async fn serve_connection<S>(stream: S, app: Arc<App>, transport: Transport, shutdown: CancellationToken, settings: ConnSettings)
-where
+async fn serve_connection<S>(
+    stream: S,
+    app: Arc<App>,
+    transport: Transport,
+    shutdown: CancellationToken,
+    settings: ConnSettings,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
@@ -170,7 +208,10 @@ where
         async move { Ok::<_, Infallible>(app.handle(req, transport).await) }
     });
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(settings.header_read_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -52,7 +52,10 @@ async fn method_path_query_headers_and_body_arrive_byte_for_byte() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(&echoed[..], &body[..], "response body echoed whole");
         assert_eq!(headers["x-upstream"], "test");
-        assert!(!headers.contains_key("keep-alive"), "hop-by-hop response header passed back");
+        assert!(
+            !headers.contains_key("keep-alive"),
+            "hop-by-hop response header passed back"
+        );
         assert!(headers.contains_key("x-request-id"));
 
         let seen = upstream.records();
@@ -69,7 +72,11 @@ async fn method_path_query_headers_and_body_arrive_byte_for_byte() {
             assert_eq!(r.version, Version::HTTP_11);
             r.headers.get(header::HOST).map(|h| h.to_str().unwrap().to_string())
         };
-        assert_eq!(authority, Some(format!("localhost:{}", upstream.addr.port())), "Host rewritten to the upstream");
+        assert_eq!(
+            authority,
+            Some(format!("localhost:{}", upstream.addr.port())),
+            "Host rewritten to the upstream"
+        );
         proxy.stop().await;
     }
 }
@@ -83,7 +90,11 @@ async fn upstream_connections_are_pooled() {
             let (status, _, _) = get(&proxy.url("/api/v1/voices")).await;
             assert_eq!(status, StatusCode::OK);
         }
-        assert_eq!(upstream.connections(), 1, "sequential requests reuse one connection (h2={http2})");
+        assert_eq!(
+            upstream.connections(),
+            1,
+            "sequential requests reuse one connection (h2={http2})"
+        );
         proxy.stop().await;
     }
 }
@@ -113,7 +124,11 @@ async fn upstream_errors_pass_through_untouched() {
 async fn unreachable_upstream_is_502_upstream_unavailable() {
     let pki = upstream::TestPki::new();
     // A port nobody listens on: bind, read the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let proxy = TestProxy::start_for(&format!("https://localhost:{port}"), &pki.ca_file, "").await;
     let (status, headers, body) = get(&proxy.url("/api/v1/voices")).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -134,7 +149,10 @@ async fn untrusted_certificate_is_502_upstream_tls_and_nothing_is_sent() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let body = json(&body);
     assert_eq!(body["code"], "UPSTREAM_TLS", "{body}");
-    assert!(upstream.records().is_empty(), "no request may reach an unverified server");
+    assert!(
+        upstream.records().is_empty(),
+        "no request may reach an unverified server"
+    );
     proxy.stop().await;
 }
 
@@ -142,7 +160,12 @@ async fn untrusted_certificate_is_502_upstream_tls_and_nothing_is_sent() {
 async fn wrong_hostname_is_502_upstream_tls() {
     let upstream = TestUpstream::start().await;
     // The certificate names localhost and 127.0.0.1, not 127.0.0.2.
-    let proxy = TestProxy::start_for(&format!("https://127.0.0.2:{}", upstream.addr.port()), &upstream.pki.ca_file, "").await;
+    let proxy = TestProxy::start_for(
+        &format!("https://127.0.0.2:{}", upstream.addr.port()),
+        &upstream.pki.ca_file,
+        "",
+    )
+    .await;
     let (status, _, body) = get(&proxy.url("/x")).await;
     // 127.0.0.2 may not be reachable where the upstream binds 127.0.0.1 only: either way the
     // key must not be sent, and the answer names the reason.
@@ -167,7 +190,11 @@ async fn slow_upstream_is_504_upstream_timeout() {
 async fn connect_is_405_and_nothing_is_forwarded() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    let response = raw_exchange(proxy.addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n").await;
+    let response = raw_exchange(
+        proxy.addr,
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     assert!(response.contains("METHOD_NOT_ALLOWED"), "{response}");
     assert!(upstream.records().is_empty());
@@ -178,7 +205,11 @@ async fn connect_is_405_and_nothing_is_forwarded() {
 async fn absolute_form_for_another_host_is_400_and_nothing_is_forwarded() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    let response = raw_exchange(proxy.addr, b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").await;
+    let response = raw_exchange(
+        proxy.addr,
+        b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(response.contains("BAD_REQUEST"), "{response}");
     assert!(upstream.records().is_empty());
@@ -189,7 +220,11 @@ async fn absolute_form_for_another_host_is_400_and_nothing_is_forwarded() {
 async fn non_loopback_host_header_is_421() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    let response = raw_exchange(proxy.addr, b"GET /api/v1/voices HTTP/1.1\r\nHost: rebind.evil.example\r\nConnection: close\r\n\r\n").await;
+    let response = raw_exchange(
+        proxy.addr,
+        b"GET /api/v1/voices HTTP/1.1\r\nHost: rebind.evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 421"), "{response}");
     assert!(response.contains("FORBIDDEN_HOST"));
     assert!(upstream.records().is_empty());
@@ -233,7 +268,10 @@ async fn token_scheme_for_self_hosted_servers() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "[auth]\nscheme = \"Token\"\n").await;
     get(&proxy.url("/x")).await;
-    assert_eq!(upstream.records()[0].headers[header::AUTHORIZATION], format!("Token {TEST_KEY}").as_str());
+    assert_eq!(
+        upstream.records()[0].headers[header::AUTHORIZATION],
+        format!("Token {TEST_KEY}").as_str()
+    );
     proxy.stop().await;
 }
 
@@ -241,7 +279,10 @@ async fn token_scheme_for_self_hosted_servers() {
 async fn request_id_is_propagated_both_ways() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    let req = Request::get(proxy.url("/x")).header("x-request-id", "my-trace-42").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get(proxy.url("/x"))
+        .header("x-request-id", "my-trace-42")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let (_, headers, _) = send(req).await;
     assert_eq!(headers["x-request-id"], "my-trace-42");
     assert_eq!(upstream.records()[0].headers["x-request-id"], "my-trace-42");
@@ -254,7 +295,14 @@ async fn unix_socket_listener_serves_with_its_mode() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("proxy.sock");
-    let proxy = TestProxy::start(&upstream, &format!("[listen]\nunix_socket = \"{}\"\nunix_socket_mode = \"0600\"\n", socket.display())).await;
+    let proxy = TestProxy::start(
+        &upstream,
+        &format!(
+            "[listen]\nunix_socket = \"{}\"\nunix_socket_mode = \"0600\"\n",
+            socket.display()
+        ),
+    )
+    .await;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let output = tokio::process::Command::new("curl")
@@ -265,7 +313,10 @@ async fn unix_socket_listener_serves_with_its_mode() {
         .await
         .expect("curl is installed");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(upstream.records()[0].headers[header::AUTHORIZATION], format!("Bearer {TEST_KEY}").as_str());
+    assert_eq!(
+        upstream.records()[0].headers[header::AUTHORIZATION],
+        format!("Bearer {TEST_KEY}").as_str()
+    );
     proxy.stop().await;
 }
 
@@ -275,14 +326,28 @@ async fn curl_quickstart_example_works() {
     let proxy = TestProxy::start(&upstream, "").await;
     // The README's example, verbatim apart from the address.
     let output = tokio::process::Command::new("curl")
-        .args(["-sS", "-X", "POST", "-H", "Content-Type: application/json", "-d", r#"{"text":"Hello from the proxy","voice_id":"emily"}"#])
+        .args([
+            "-sS",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"text":"Hello from the proxy","voice_id":"emily"}"#,
+        ])
         .arg(proxy.url("/waves/v1/lightning-v2/get_speech"))
         .output()
         .await
         .expect("curl is installed");
     assert!(output.status.success());
     let seen = upstream.records();
-    assert_eq!(seen[0].headers[header::AUTHORIZATION], format!("Bearer {TEST_KEY}").as_str());
-    assert_eq!(&seen[0].body[..], br#"{"text":"Hello from the proxy","voice_id":"emily"}"#);
+    assert_eq!(
+        seen[0].headers[header::AUTHORIZATION],
+        format!("Bearer {TEST_KEY}").as_str()
+    );
+    assert_eq!(
+        &seen[0].body[..],
+        br#"{"text":"Hello from the proxy","voice_id":"emily"}"#
+    );
     proxy.stop().await;
 }

@@ -13,7 +13,9 @@ pub struct EnvSource {
 
 impl EnvSource {
     pub fn new(variable: &str) -> EnvSource {
-        EnvSource { variable: variable.to_string() }
+        EnvSource {
+            variable: variable.to_string(),
+        }
     }
 }
 

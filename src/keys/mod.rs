@@ -55,14 +55,21 @@ impl ApiKey {
     /// clones a `HeaderValue` (a refcount bump) instead of formatting per request.
     pub fn new(value: SecretString, scheme: AuthScheme) -> Result<ApiKey, KeyError> {
         validate_key_value(value.expose_secret())?;
-        let mut text = Zeroizing::new(String::with_capacity(scheme.as_str().len() + 1 + value.expose_secret().len()));
+        let mut text = Zeroizing::new(String::with_capacity(
+            scheme.as_str().len() + 1 + value.expose_secret().len(),
+        ));
         text.push_str(scheme.as_str());
         text.push(' ');
         text.push_str(value.expose_secret());
         let mut header = HeaderValue::from_str(&text).map_err(|_| KeyError::Invalid("not a valid header value"))?;
         header.set_sensitive(true);
         let fingerprint = fingerprint(value.expose_secret());
-        Ok(ApiKey { secret: value, header, fingerprint, fetched_at: Instant::now() })
+        Ok(ApiKey {
+            secret: value,
+            header,
+            fingerprint,
+            fetched_at: Instant::now(),
+        })
     }
 
     /// The full `Authorization` header value (`Bearer <key>`), marked sensitive.
@@ -88,7 +95,9 @@ impl ApiKey {
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiKey").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+        f.debug_struct("ApiKey")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,7 +114,9 @@ pub fn validate_key_value(value: &str) -> Result<(), KeyError> {
         return Err(KeyError::Invalid("the value contains a line break"));
     }
     if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(KeyError::Invalid("the value contains characters other than visible ASCII"));
+        return Err(KeyError::Invalid(
+            "the value contains characters other than visible ASCII",
+        ));
     }
     Ok(())
 }
@@ -166,7 +177,10 @@ pub struct KeyStore {
 
 impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyStore").field("source", &self.source.kind()).field("current", &self.current.load()).finish()
+        f.debug_struct("KeyStore")
+            .field("source", &self.source.kind())
+            .field("current", &self.current.load())
+            .finish()
     }
 }
 
@@ -217,7 +231,11 @@ impl KeyStore {
                 return Ok(key);
             }
         }
-        let result = self.source.fetch().await.and_then(|value| ApiKey::new(value, self.scheme));
+        let result = self
+            .source
+            .fetch()
+            .await
+            .and_then(|value| ApiKey::new(value, self.scheme));
         self.generation.fetch_add(1, Ordering::AcqRel);
         match result {
             Ok(key) => {
@@ -227,8 +245,17 @@ impl KeyStore {
                     Some(old) if old.same_value(&key) => {
                         // Same value: keep the old Arc's identity irrelevant, but reset its age.
                     }
-                    Some(old) => tracing::info!(source = self.source.kind(), old = old.fingerprint(), new = key.fingerprint(), "API key rotated"),
-                    None => tracing::info!(source = self.source.kind(), fingerprint = key.fingerprint(), "API key loaded"),
+                    Some(old) => tracing::info!(
+                        source = self.source.kind(),
+                        old = old.fingerprint(),
+                        new = key.fingerprint(),
+                        "API key rotated"
+                    ),
+                    None => tracing::info!(
+                        source = self.source.kind(),
+                        fingerprint = key.fingerprint(),
+                        "API key loaded"
+                    ),
                 }
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = None;
@@ -246,7 +273,10 @@ impl KeyStore {
     }
 
     fn last_error_message(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|e| e.as_ref().map(|(m, _)| m.clone()))
+        self.last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.as_ref().map(|(m, _)| m.clone()))
     }
 
     pub fn status(&self) -> KeyStatus {
@@ -268,7 +298,11 @@ pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 /// The one background task per store: fetch every `interval` (±10% jitter so replicas started
 /// together do not hit the source together), at once when woken, and after a failure again
 /// with exponential backoff. Sources that cannot rotate (env) get no task.
-pub fn spawn_refresher(keys: Arc<KeyStore>, interval: Duration, stop: tokio_util::sync::CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_refresher(
+    keys: Arc<KeyStore>,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     if !keys.source_rotates() {
         return None;
     }
@@ -283,7 +317,11 @@ pub fn spawn_refresher(keys: Arc<KeyStore>, interval: Duration, stop: tokio_util
                 _ = stop.cancelled() => return,
             }
             last_ok = keys.refresh().await.is_ok();
-            backoff = if last_ok { MIN_RETRY_BACKOFF } else { (backoff * 2).min(MAX_RETRY_BACKOFF) };
+            backoff = if last_ok {
+                MIN_RETRY_BACKOFF
+            } else {
+                (backoff * 2).min(MAX_RETRY_BACKOFF)
+            };
         }
     }))
 }

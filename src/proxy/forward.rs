@@ -72,13 +72,22 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .build(connector(tls_http1, false));
-        Ok(Upstream { base, client, websocket_client, response_timeout: config.response_timeout })
+        Ok(Upstream {
+            base,
+            client,
+            websocket_client,
+            response_timeout: config.response_timeout,
+        })
     }
 
     /// Send a request and wait for the response head (bounded by `response_timeout`); the body
     /// then streams with no overall deadline.
     pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<Incoming>, ProxyError> {
-        let client = if websocket { &self.websocket_client } else { &self.client };
+        let client = if websocket {
+            &self.websocket_client
+        } else {
+            &self.client
+        };
         match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => Err(classify(&err, &self.base)),
@@ -96,12 +105,17 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamS
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &config.ca_file {
-        let ca_err = |reason: String| UpstreamSetupError::CaFile { path: path.display().to_string(), reason };
+        let ca_err = |reason: String| UpstreamSetupError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
         let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.map_err(|e| ca_err(format!("not PEM: {e}")))?;
-            roots.add(cert).map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
             added += 1;
         }
         if added == 0 {
@@ -140,6 +154,10 @@ fn classify(err: &hyper_util::client::legacy::Error, base: &UpstreamBase) -> Pro
             None => e.source(),
         };
     }
-    let what = if err.is_connect() { "cannot connect to" } else { "lost the connection to" };
+    let what = if err.is_connect() {
+        "cannot connect to"
+    } else {
+        "lost the connection to"
+    };
     ProxyError::UpstreamUnavailable(format!("{what} {}: {root}", base.authority))
 }

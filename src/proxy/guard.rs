@@ -32,7 +32,9 @@ pub enum Transport {
 impl Guard {
     pub fn check<B>(&self, req: &Request<B>, transport: Transport) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed("CONNECT is not supported: this is not a forward proxy".into()));
+            return Err(ProxyError::MethodNotAllowed(
+                "CONNECT is not supported: this is not a forward proxy".into(),
+            ));
         }
         if let Some(authority) = req.uri().authority() {
             if !host_is_loopback(authority.host()) {
@@ -68,7 +70,13 @@ fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or("");
     }
-    host.rsplit_once(':').map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host })
+    host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
 }
 
 #[cfg(test)]
@@ -87,38 +95,78 @@ mod tests {
     }
 
     fn guard() -> Guard {
-        Guard { check_host: true, allowed_origins: vec!["http://localhost:3000".into()] }
+        Guard {
+            check_host: true,
+            allowed_origins: vec!["http://localhost:3000".into()],
+        }
     }
 
     #[test]
     fn connect_is_405() {
-        let e = guard().check(&req("CONNECT", "evil.example:443", None, None), Transport::Tcp).unwrap_err();
+        let e = guard()
+            .check(&req("CONNECT", "evil.example:443", None, None), Transport::Tcp)
+            .unwrap_err();
         assert_eq!(e.status_and_code().0, 405);
     }
 
     #[test]
     fn absolute_form_for_other_hosts_is_400_but_loopback_is_fine() {
-        let e = guard().check(&req("GET", "http://evil.example/x", None, None), Transport::Tcp).unwrap_err();
+        let e = guard()
+            .check(&req("GET", "http://evil.example/x", None, None), Transport::Tcp)
+            .unwrap_err();
         assert_eq!(e.status_and_code().1, "BAD_REQUEST");
-        guard().check(&req("GET", "http://127.0.0.1:8787/x", Some("127.0.0.1:8787"), None), Transport::Tcp).unwrap();
+        guard()
+            .check(
+                &req("GET", "http://127.0.0.1:8787/x", Some("127.0.0.1:8787"), None),
+                Transport::Tcp,
+            )
+            .unwrap();
     }
 
     #[test]
     fn loopback_hosts_pass_others_are_421() {
-        for ok in ["127.0.0.1", "127.0.0.1:8787", "localhost:1", "LOCALHOST", "[::1]:8787", "[::1]"] {
-            guard().check(&req("GET", "/", Some(ok), None), Transport::Tcp).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:8787",
+            "localhost:1",
+            "LOCALHOST",
+            "[::1]:8787",
+            "[::1]",
+        ] {
+            guard()
+                .check(&req("GET", "/", Some(ok), None), Transport::Tcp)
+                .unwrap_or_else(|e| panic!("{ok}: {e:?}"));
         }
-        for bad in ["evil.example", "evil.example:8787", "10.0.0.1:8787", "localhost.evil.example"] {
-            let e = guard().check(&req("GET", "/", Some(bad), None), Transport::Tcp).unwrap_err();
+        for bad in [
+            "evil.example",
+            "evil.example:8787",
+            "10.0.0.1:8787",
+            "localhost.evil.example",
+        ] {
+            let e = guard()
+                .check(&req("GET", "/", Some(bad), None), Transport::Tcp)
+                .unwrap_err();
             assert_eq!(e.status_and_code().0, 421, "{bad}");
         }
-        guard().check(&req("GET", "/", Some("anything"), None), Transport::Unix).unwrap();
+        guard()
+            .check(&req("GET", "/", Some("anything"), None), Transport::Unix)
+            .unwrap();
     }
 
     #[test]
     fn browser_origins_are_refused_unless_listed() {
-        let e = guard().check(&req("POST", "/", Some("localhost"), Some("https://evil.example")), Transport::Tcp).unwrap_err();
+        let e = guard()
+            .check(
+                &req("POST", "/", Some("localhost"), Some("https://evil.example")),
+                Transport::Tcp,
+            )
+            .unwrap_err();
         assert_eq!(e.status_and_code(), (http::StatusCode::FORBIDDEN, "FORBIDDEN_ORIGIN"));
-        guard().check(&req("POST", "/", Some("localhost"), Some("http://localhost:3000")), Transport::Tcp).unwrap();
+        guard()
+            .check(
+                &req("POST", "/", Some("localhost"), Some("http://localhost:3000")),
+                Transport::Tcp,
+            )
+            .unwrap();
     }
 }

@@ -54,7 +54,12 @@ impl Proxy {
         response
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, transport: Transport, request_id: &str) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        transport: Transport,
+        request_id: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&req, transport)?;
         // One load: this request (and its tunnel, if any) keeps this key even if it rotates now.
         let key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;

@@ -67,13 +67,19 @@ impl UpstreamBase {
         let scheme = uri.scheme().cloned().ok_or_else(|| format!("{url:?} has no scheme"))?;
         let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))?;
         let base_path = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamBase { scheme, authority, base_path })
+        Ok(UpstreamBase {
+            scheme,
+            authority,
+            base_path,
+        })
     }
 
     /// Upstream URI for the client's path and query, kept byte for byte.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
         let pq = path_and_query.map_or("/", |pq| pq.as_str());
-        let builder = Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone());
+        let builder = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
         let result = if self.base_path.is_empty() {
             builder.path_and_query(pq).build()
         } else {
@@ -96,7 +102,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed_before_injection() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, Authorization, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, Authorization, X-Secret"),
+        );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client-key"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
@@ -106,7 +115,13 @@ mod tests {
         rewrite_request_headers(&mut h, &key());
         assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
         assert_eq!(h[header::AUTHORIZATION], "Bearer sk-proxy");
-        for gone in ["connection", "x-secret", "proxy-authorization", "transfer-encoding", "host"] {
+        for gone in [
+            "connection",
+            "x-secret",
+            "proxy-authorization",
+            "transfer-encoding",
+            "host",
+        ] {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
         assert_eq!(h["x-kept"], "yes");
@@ -126,8 +141,14 @@ mod tests {
     fn uri_keeps_path_and_query_and_base_path() {
         let base = UpstreamBase::parse("https://api.smallest.ai").unwrap();
         let pq: PathAndQuery = "/waves/v1/lightning/get_speech?x=1&y=%20".parse().unwrap();
-        assert_eq!(base.uri_for(Some(&pq)).unwrap().to_string(), "https://api.smallest.ai/waves/v1/lightning/get_speech?x=1&y=%20");
+        assert_eq!(
+            base.uri_for(Some(&pq)).unwrap().to_string(),
+            "https://api.smallest.ai/waves/v1/lightning/get_speech?x=1&y=%20"
+        );
         let base = UpstreamBase::parse("https://host:8443/prefix/").unwrap();
-        assert_eq!(base.uri_for(Some(&pq)).unwrap().to_string(), "https://host:8443/prefix/waves/v1/lightning/get_speech?x=1&y=%20");
+        assert_eq!(
+            base.uri_for(Some(&pq)).unwrap().to_string(),
+            "https://host:8443/prefix/waves/v1/lightning/get_speech?x=1&y=%20"
+        );
     }
 }

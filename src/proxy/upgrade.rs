@@ -37,7 +37,11 @@ pub fn restore_upgrade_headers(headers: &mut http::HeaderMap) {
 
 /// Answer the client's handshake with the upstream's 101 and join the two connections once
 /// both sides have switched. The copy task ends when either side closes.
-pub fn open_tunnel(client: OnUpgrade, mut upstream_response: Response<Incoming>, request_id: String) -> Response<ProxyBody> {
+pub fn open_tunnel(
+    client: OnUpgrade,
+    mut upstream_response: Response<Incoming>,
+    request_id: String,
+) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -41,7 +41,12 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
 
 /// A config for a proxy in front of `upstream`, on a free loopback port, with the key in a
 /// file under `key_dir`; `extra` (TOML) is merged on top.
-pub fn proxy_config_text(upstream_url: &str, ca_file: &std::path::Path, key_file: &std::path::Path, extra: &str) -> String {
+pub fn proxy_config_text(
+    upstream_url: &str,
+    ca_file: &std::path::Path,
+    key_file: &std::path::Path,
+    extra: &str,
+) -> String {
     let mut table: toml::Table = toml::from_str(&format!(
         r#"
 [listen]
@@ -91,7 +96,13 @@ impl TestProxy {
             .await
             .expect("proxy run");
         });
-        TestProxy { addr, key_file, _dir: dir, shutdown: Some(tx), task: Some(task) }
+        TestProxy {
+            addr,
+            key_file,
+            _dir: dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -158,7 +169,12 @@ impl ProxyProcess {
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, config_text).expect("config");
         let mut command = Command::new(binary());
-        command.arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         command.env_remove("RUST_LOG");
         for (k, v) in envs {
             command.env(k, v);
@@ -184,7 +200,10 @@ impl ProxyProcess {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("proxy did not start; stderr:\n{}", lines.lock().expect("lines").join("\n"));
+                panic!(
+                    "proxy did not start; stderr:\n{}",
+                    lines.lock().expect("lines").join("\n")
+                );
             }
         };
         let addr = line
@@ -193,7 +212,12 @@ impl ProxyProcess {
             .and_then(|rest| rest.split(|c: char| c == ',' || c.is_whitespace() || c == '"').next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
-        ProxyProcess { child, addr, stderr: lines, _dir: dir }
+        ProxyProcess {
+            child,
+            addr,
+            stderr: lines,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -44,16 +44,24 @@ impl TestPki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "smallest-proxy test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "smallest-proxy test CA");
         let ca_key = KeyPair::generate().expect("ca key");
         let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-        let leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("leaf params");
+        let leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("leaf params");
         let leaf_key = KeyPair::generate().expect("leaf key");
         let leaf_cert = leaf_params.signed_by(&leaf_key, &ca_cert, &ca_key).expect("leaf cert");
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca_cert.pem()).expect("write ca");
-        TestPki { dir, ca_file, cert_der: leaf_cert.der().clone(), key_der: leaf_key.serialize_der() }
+        TestPki {
+            dir,
+            ca_file,
+            cert_der: leaf_cert.der().clone(),
+            key_der: leaf_key.serialize_der(),
+        }
     }
 }
 
@@ -102,9 +110,16 @@ impl TestUpstream {
             .with_safe_default_protocol_versions()
             .expect("tls versions")
             .with_no_client_auth()
-            .with_single_cert(vec![pki.cert_der.clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()))
+            .with_single_cert(
+                vec![pki.cert_der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+            )
             .expect("server cert");
-        tls.alpn_protocols = if options.http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+        tls.alpn_protocols = if options.http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
@@ -112,7 +127,9 @@ impl TestUpstream {
         let accept_state = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 accept_state.connections.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let state = accept_state.clone();
@@ -199,7 +216,13 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
 
     let (parts, body) = req.into_parts();
     let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    let rec = Recorded { method: parts.method.clone(), uri: parts.uri.clone(), version: parts.version, headers: parts.headers.clone(), body: bytes.clone() };
+    let rec = Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: bytes.clone(),
+    };
     state.records.lock().expect("records").push(rec);
 
     let response = match path.as_str() {
@@ -230,7 +253,9 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
                 }
                 state.sse_finished.store(true, Ordering::SeqCst);
             });
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+            });
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/event-stream")
                 .header(header::CACHE_CONTROL, "no-cache")
@@ -253,9 +278,13 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
         }
         _ => {
             let mut response = full(StatusCode::OK, "application/octet-stream", bytes);
-            response.headers_mut().insert("x-upstream", header::HeaderValue::from_static("test"));
+            response
+                .headers_mut()
+                .insert("x-upstream", header::HeaderValue::from_static("test"));
             // A hop-by-hop header the proxy must not pass back.
-            response.headers_mut().insert("keep-alive", header::HeaderValue::from_static("timeout=5"));
+            response
+                .headers_mut()
+                .insert("keep-alive", header::HeaderValue::from_static("timeout=5"));
             response
         }
     };
@@ -272,27 +301,37 @@ fn websocket_echo(req: &mut Request<Incoming>, state: &Arc<UpstreamState>) -> Re
         return full(StatusCode::BAD_REQUEST, "text/plain", "not a websocket handshake");
     };
     if req.uri().path().contains("reject") {
-        return full(StatusCode::FORBIDDEN, "application/json", "{\"error\":\"no websockets here\"}");
+        return full(
+            StatusCode::FORBIDDEN,
+            "application/json",
+            "{\"error\":\"no websockets here\"}",
+        );
     }
-    state.websocket_handshakes.lock().expect("handshakes").push(req.headers().clone());
+    state
+        .websocket_handshakes
+        .lock()
+        .expect("handshakes")
+        .push(req.headers().clone());
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
-        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(message)) = ws.next().await {
-            match message {
+            let reply = match message {
                 Message::Text(text) if text.starts_with("close:") => {
                     let code: u16 = text.trim_start_matches("close:").parse().unwrap_or(1000);
-                    let frame = CloseFrame { code: CloseCode::from(code), reason: "server closing".into() };
-                    let _ = ws.send(Message::Close(Some(frame))).await;
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: "server closing".into(),
+                    };
+                    Message::Close(Some(frame))
                 }
-                Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(_) => {}
-                _ => {}
+                Message::Text(_) | Message::Binary(_) => message,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                break;
             }
         }
     });

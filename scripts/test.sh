@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one test command (README "Test"; .ci/run calls exactly this). Idempotent: it installs
+# what the tests need the first time and reuses it afterwards, then runs formatting, lints and
+# every test. Tests find the tools on PATH; a test whose tool is missing fails saying how to get
+# it (this script is that way).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+need_apt=()
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${need_apt[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Python tools for the tests (real clients, and later real servers), in a project-local venv
+# so nothing global changes. Re-installed only when requirements change.
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum scripts/test-requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> preparing the Python test tools in .venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/test-requirements.txt
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "==> cargo test"
+cargo test --all-targets
