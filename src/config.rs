@@ -173,6 +173,117 @@ pub struct KeyConfig {
     pub refresh_interval: Duration,
     #[serde(with = "duration_str")]
     pub max_stale: Duration,
+    /// `source = "vault"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultConfig>,
+    /// `source = "aws"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsConfig>,
+}
+
+/// Default KV mount, path and field for `[key.vault]`.
+pub const DEFAULT_VAULT_MOUNT: &str = "secret";
+pub const DEFAULT_VAULT_FIELD: &str = "api_key";
+/// Where Kubernetes mounts the pod's service-account token (for `method = "kubernetes"`).
+pub const DEFAULT_KUBERNETES_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// HashiCorp Vault or OpenBao KV secret holding the key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example:8200`; defaults to `VAULT_ADDR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default = "default_vault_mount")]
+    pub mount: String,
+    pub path: String,
+    #[serde(default = "default_vault_field")]
+    pub field: String,
+    #[serde(default = "default_kv_version")]
+    pub kv_version: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth: VaultAuthConfig,
+}
+
+fn default_vault_mount() -> String {
+    DEFAULT_VAULT_MOUNT.into()
+}
+fn default_vault_field() -> String {
+    DEFAULT_VAULT_FIELD.into()
+}
+fn default_kv_version() -> u8 {
+    2
+}
+
+/// How the proxy logs in to Vault. Credentials are read from files at each login (never kept
+/// in the config), because Vault Agent sinks, secret IDs and service-account tokens rotate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultAuthConfig {
+    pub method: VaultAuthMethod,
+    /// `token`: file holding the token (a Vault Agent sink works); default: `VAULT_TOKEN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// `approle`: the role ID, inline (it is not a secret) or from a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_id_file: Option<PathBuf>,
+    /// `approle`: file holding the secret ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_id_file: Option<PathBuf>,
+    /// `jwt` / `kubernetes`: the Vault role to log in as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `jwt` / `kubernetes`: file holding the JWT (kubernetes default: the service-account token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_file: Option<PathBuf>,
+    /// Auth mount path; defaults to the method's name (`approle`, `jwt`, `kubernetes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultAuthMethod {
+    #[default]
+    Token,
+    Approle,
+    Jwt,
+    Kubernetes,
+}
+
+impl VaultAuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaultAuthMethod::Token => "token",
+            VaultAuthMethod::Approle => "approle",
+            VaultAuthMethod::Jwt => "jwt",
+            VaultAuthMethod::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// AWS Secrets Manager secret holding the key, read with the standard AWS credential chain.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub secret_id: String,
+    /// Defaults to the chain's region (`AWS_REGION`, profile, IMDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// When the SecretString is JSON: the field holding the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_stage: Option<String>,
+    /// A different endpoint (a VPC endpoint, or a local test server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
 }
 
 impl Default for KeyConfig {
@@ -183,6 +294,8 @@ impl Default for KeyConfig {
             file: None,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
             max_stale: DEFAULT_MAX_STALE,
+            vault: None,
+            aws: None,
         }
     }
 }
@@ -193,6 +306,8 @@ pub enum KeySourceKind {
     #[default]
     Env,
     File,
+    Vault,
+    Aws,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -284,7 +399,7 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
         }
     };
 
-    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+    let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let mut key = e.path().to_string();
         let message = first_line(&e.inner().to_string());
         // Name the unknown field itself if the path stops at its parent table.
@@ -301,6 +416,12 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
             message,
         }
     })?;
+    // Vault's own convention: the address may come from VAULT_ADDR.
+    if let Some(vault) = config.key.vault.as_mut() {
+        if vault.address.is_none() {
+            vault.address = vars.iter().find(|(k, _)| k == "VAULT_ADDR").map(|(_, v)| v.clone());
+        }
+    }
     config.validate().map_err(|(key, message)| ConfigError {
         location: locate(&key),
         key,
@@ -387,6 +508,64 @@ impl Config {
         if self.key.source == KeySourceKind::Env && self.key.env.is_empty() {
             return err("key.env", "must name an environment variable".into());
         }
+        if self.key.source == KeySourceKind::Vault {
+            let Some(vault) = &self.key.vault else {
+                return err(
+                    "key.vault",
+                    "source = \"vault\" needs a [key.vault] table with at least `path`".into(),
+                );
+            };
+            let Some(address) = &vault.address else {
+                return err(
+                    "key.vault.address",
+                    "set it, or VAULT_ADDR, to the Vault/OpenBao URL".into(),
+                );
+            };
+            match address.parse::<http::Uri>().ok().filter(|u| u.authority().is_some()) {
+                Some(u) if u.scheme_str() == Some("https") => {}
+                Some(u) if u.scheme_str() == Some("http") && host_is_loopback(u.host().unwrap_or_default()) => {}
+                _ => {
+                    return err(
+                        "key.vault.address",
+                        format!("{address:?} must be an https URL (plain http only to a loopback host: the Vault token would cross the network in clear)"),
+                    )
+                }
+            }
+            if vault.kv_version != 1 && vault.kv_version != 2 {
+                return err("key.vault.kv_version", "must be 1 or 2".into());
+            }
+            let auth = &vault.auth;
+            match auth.method {
+                VaultAuthMethod::Approle if auth.role_id.is_none() && auth.role_id_file.is_none() => {
+                    return err(
+                        "key.vault.auth.role_id",
+                        "method = \"approle\" needs role_id or role_id_file".into(),
+                    )
+                }
+                VaultAuthMethod::Jwt | VaultAuthMethod::Kubernetes if auth.role.is_none() => {
+                    return err(
+                        "key.vault.auth.role",
+                        format!(
+                            "method = \"{}\" needs the Vault role to log in as",
+                            auth.method.as_str()
+                        ),
+                    )
+                }
+                VaultAuthMethod::Jwt if auth.jwt_file.is_none() => {
+                    return err(
+                        "key.vault.auth.jwt_file",
+                        "method = \"jwt\" needs the file holding the JWT".into(),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if self.key.source == KeySourceKind::Aws && self.key.aws.is_none() {
+            return err(
+                "key.aws",
+                "source = \"aws\" needs a [key.aws] table with at least `secret_id`".into(),
+            );
+        }
         if self.key.refresh_interval < Duration::from_secs(1) {
             return err("key.refresh_interval", "must be at least 1s".into());
         }
@@ -410,7 +589,16 @@ pub fn host_is_loopback(host: &str) -> bool {
 
 /// Tables a `SMALLEST_PROXY_<SECTION>_<KEY>` variable can address, longest first so that
 /// `KEY_VAULT_AUTH_ROLE_ID` lands in `key.vault.auth` and not in `key`.
-const OVERRIDE_SECTIONS: &[&str] = &["listen", "upstream", "auth", "key", "log"];
+const OVERRIDE_SECTIONS: &[&str] = &[
+    "listen",
+    "upstream",
+    "auth",
+    "key",
+    "key.vault",
+    "key.vault.auth",
+    "key.aws",
+    "log",
+];
 
 /// Merge `SMALLEST_PROXY_*` variables into the TOML tree. Returns (key path, variable name)
 /// for each applied override so errors can blame the variable. Values are typed the way a
@@ -626,6 +814,43 @@ max_stale = "2h"
     fn file_source_needs_a_file() {
         let e = load("[key]\nsource = \"file\"\n").unwrap_err();
         assert_eq!(e.key, "key.file");
+    }
+
+    #[test]
+    fn vault_and_aws_sections_parse_and_validate() {
+        let c = load_text(
+            None,
+            "[key]\nsource = \"vault\"\n[key.vault]\npath = \"smallest\"\n[key.vault.auth]\nmethod = \"approle\"\nrole_id = \"r\"\nsecret_id_file = \"/s\"\n",
+            &[("VAULT_ADDR".into(), "https://vault.example:8200".into())],
+        )
+        .expect("valid vault config");
+        let vault = c.key.vault.unwrap();
+        assert_eq!(
+            vault.address.as_deref(),
+            Some("https://vault.example:8200"),
+            "VAULT_ADDR fallback"
+        );
+        assert_eq!(
+            (vault.mount.as_str(), vault.field.as_str(), vault.kv_version),
+            ("secret", "api_key", 2)
+        );
+
+        let e = load("[key]\nsource = \"vault\"\n[key.vault]\naddress = \"http://vault.example:8200\"\npath = \"p\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "key.vault.address");
+        let e = load("[key]\nsource = \"vault\"\n[key.vault]\naddress = \"https://v\"\npath = \"p\"\n[key.vault.auth]\nmethod = \"jwt\"\nrole = \"r\"\n").unwrap_err();
+        assert_eq!(e.key, "key.vault.auth.jwt_file");
+        let e = load("[key]\nsource = \"aws\"\n").unwrap_err();
+        assert_eq!(e.key, "key.aws");
+        let c = load("[key]\nsource = \"aws\"\n[key.aws]\nsecret_id = \"smallest/api-key\"\njson_key = \"api_key\"\n")
+            .unwrap();
+        assert_eq!(c.key.aws.unwrap().json_key.as_deref(), Some("api_key"));
+        let vars = vec![(
+            "SMALLEST_PROXY_KEY_VAULT_AUTH_ROLE_ID".to_string(),
+            "from-env".to_string(),
+        )];
+        let c = load_text(None, "[key]\nsource = \"vault\"\n[key.vault]\naddress = \"https://v\"\npath = \"p\"\n[key.vault.auth]\nmethod = \"approle\"\n", &vars).unwrap();
+        assert_eq!(c.key.vault.unwrap().auth.role_id.as_deref(), Some("from-env"));
     }
 
     #[test]

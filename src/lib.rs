@@ -52,6 +52,8 @@ impl App {
 pub enum RunError {
     #[error(transparent)]
     Upstream(#[from] proxy::forward::UpstreamSetupError),
+    #[error("key source: {0}")]
+    KeySource(#[from] keys::KeyError),
 }
 
 /// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
@@ -60,17 +62,38 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with_reload(config, listeners, shutdown, None).await
+}
+
+/// [`run`], plus a reload trigger (SIGHUP in `main.rs`): each message forces a key refresh.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reload: Option<tokio::sync::mpsc::Receiver<()>>,
+) -> Result<(), RunError> {
     let upstream = proxy::forward::Upstream::new(&config.upstream)?;
-    let keys = Arc::new(KeyStore::new(
-        keys::source_from_config(&config),
-        config.auth.scheme,
-        config.key.max_stale,
-    ));
+    let source = keys::source_from_config(&config).await?;
+    let keys = Arc::new(KeyStore::new(source, config.auth.scheme, config.key.max_stale));
     let token = CancellationToken::new();
 
     // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
     let _ = tokio::time::timeout(INITIAL_KEY_WAIT, keys.refresh()).await;
     let refresher = keys::spawn_refresher(keys.clone(), config.key.refresh_interval, token.clone());
+    // Held for the whole run: dropping the watcher stops it.
+    let _key_file_watcher = match (&config.key.source, &config.key.file) {
+        (config::KeySourceKind::File, Some(path)) => keys::file::watch(path, keys.clone()),
+        _ => None,
+    };
+    if let Some(mut reload) = reload.take() {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            while reload.recv().await.is_some() {
+                tracing::info!("reload requested: refreshing the key");
+                keys.request_refresh();
+            }
+        });
+    }
 
     let guard = Guard {
         check_host: !config.listen.allow_remote,

@@ -92,9 +92,23 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listeners = Listeners::bind(&config.listen).await?;
-        smallest_proxy::run(config, listeners, shutdown_signal()).await?;
+        smallest_proxy::run_with_reload(config, listeners, shutdown_signal(), Some(reload_signal()?)).await?;
         Ok(())
     })
+}
+
+/// SIGHUP: each one asks the running proxy to reload (refresh the key now).
+fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // A full channel means a reload is already pending: coalesce.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(rx)
 }
 
 /// SIGTERM or SIGINT starts the drain; a second one exits at once.

@@ -11,8 +11,10 @@
 //! only what failed and why, and the fingerprint (8 hex digits of SHA-256) is the only thing
 //! about a key that may be shown.
 
+pub mod aws;
 pub mod env;
 pub mod file;
+pub mod vault;
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
@@ -139,12 +141,20 @@ pub trait KeySource: Send + Sync + 'static {
     }
 }
 
-/// Build the configured source.
-pub fn source_from_config(config: &Config) -> Arc<dyn KeySource> {
-    match config.key.source {
+/// Build the configured source. Nothing is fetched yet; a source that cannot even be built
+/// (bad CA file for Vault) is a start-up error.
+pub async fn source_from_config(config: &Config) -> Result<Arc<dyn KeySource>, KeyError> {
+    let missing = |section: &str| KeyError::Source(format!("[{section}] is missing"));
+    Ok(match config.key.source {
         KeySourceKind::Env => Arc::new(env::EnvSource::new(&config.key.env)),
         KeySourceKind::File => Arc::new(file::FileSource::new(config.key.file.clone().unwrap_or_default())),
-    }
+        KeySourceKind::Vault => Arc::new(vault::VaultSource::new(
+            config.key.vault.as_ref().ok_or_else(|| missing("key.vault"))?,
+        )?),
+        KeySourceKind::Aws => {
+            Arc::new(aws::AwsSource::new(config.key.aws.as_ref().ok_or_else(|| missing("key.aws"))?).await)
+        }
+    })
 }
 
 /// What `/ready` reports about the key, without the key.
@@ -158,6 +168,10 @@ pub struct KeyStatus {
     pub age_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Failed fetches since start.
+    pub refresh_errors: u64,
+    /// Times the key value changed since start (the first load does not count).
+    pub rotations: u64,
 }
 
 /// The current key and the machinery to replace it.
@@ -170,6 +184,8 @@ pub struct KeyStore {
     /// one fetch (single-flight).
     fetch_lock: tokio::sync::Mutex<()>,
     generation: AtomicU64,
+    refresh_errors: AtomicU64,
+    rotations: AtomicU64,
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Wakes the refresher for an on-demand fetch (SIGHUP, file change).
     wake: tokio::sync::Notify,
@@ -193,6 +209,8 @@ impl KeyStore {
             max_stale,
             fetch_lock: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            refresh_errors: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
             last_error: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
         }
@@ -243,19 +261,24 @@ impl KeyStore {
                 let previous = self.current.swap(Some(key.clone()));
                 match previous {
                     Some(old) if old.same_value(&key) => {
-                        // Same value: keep the old Arc's identity irrelevant, but reset its age.
+                        // Same value re-read: nothing rotated; the new Arc only resets the age.
                     }
-                    Some(old) => tracing::info!(
-                        source = self.source.kind(),
-                        old = old.fingerprint(),
-                        new = key.fingerprint(),
-                        "API key rotated"
-                    ),
-                    None => tracing::info!(
-                        source = self.source.kind(),
-                        fingerprint = key.fingerprint(),
-                        "API key loaded"
-                    ),
+                    Some(old) => {
+                        self.rotations.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            source = self.source.kind(),
+                            old = old.fingerprint(),
+                            new = key.fingerprint(),
+                            "API key rotated"
+                        )
+                    }
+                    None => {
+                        tracing::info!(
+                            source = self.source.kind(),
+                            fingerprint = key.fingerprint(),
+                            "API key loaded"
+                        )
+                    }
                 }
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = None;
@@ -263,6 +286,7 @@ impl KeyStore {
                 Ok(key)
             }
             Err(err) => {
+                self.refresh_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(source = self.source.kind(), error = %err, "key refresh failed; keeping the last good key");
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = Some((err.to_string(), SystemTime::now()));
@@ -287,7 +311,26 @@ impl KeyStore {
             fingerprint: key.as_ref().map(|k| k.fingerprint().to_string()),
             age_seconds: key.as_ref().map(|k| k.age().as_secs()),
             last_error: self.last_error_message(),
+            refresh_errors: self.refresh_errors.load(Ordering::Relaxed),
+            rotations: self.rotations.load(Ordering::Relaxed),
         }
+    }
+
+    /// The upstream refused `rejected` (401): get the key to retry with, if there is a
+    /// different one. A burst of 401s costs one fetch: whoever finds the key already replaced
+    /// (by a concurrent refresh) takes that one, and concurrent callers share the fetch.
+    /// Returns `None` when the source still holds the same value (the 401 is genuine).
+    pub async fn replacement_for(&self, rejected: &ApiKey) -> Option<Arc<ApiKey>> {
+        if let Some(current) = self.current() {
+            if !current.same_value(rejected) {
+                return Some(current);
+            }
+        }
+        if !self.source.rotates() {
+            return None;
+        }
+        let fresh = self.refresh().await.ok()?;
+        (!fresh.same_value(rejected)).then_some(fresh)
     }
 }
 
@@ -376,6 +419,75 @@ mod tests {
     fn fingerprint_is_8_hex_of_sha256() {
         // sha256("abc") = ba7816bf...
         assert_eq!(fingerprint("abc"), "ba7816bf");
+    }
+
+    /// A source whose value the test changes, counting fetches.
+    struct Rotating {
+        value: Mutex<String>,
+        fetches: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl KeySource for Rotating {
+        fn kind(&self) -> &'static str {
+            "rotating"
+        }
+        async fn fetch(&self) -> Result<SecretString, KeyError> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok(SecretString::from(self.value.lock().unwrap().clone()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_rejections_costs_one_fetch() {
+        let source = Arc::new(Rotating {
+            value: Mutex::new("k1".into()),
+            fetches: AtomicU64::new(0),
+        });
+        let store = Arc::new(KeyStore::new(
+            source.clone(),
+            AuthScheme::Bearer,
+            Duration::from_secs(60),
+        ));
+        let old = store.refresh().await.unwrap();
+        *source.value.lock().unwrap() = "k2".into();
+        let before = source.fetches.load(Ordering::SeqCst);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (store, old) = (store.clone(), old.clone());
+                tokio::spawn(async move { store.replacement_for(&old).await })
+            })
+            .collect();
+        for task in tasks {
+            let new = task.await.unwrap().expect("a replacement");
+            assert_eq!(new.authorization(), "Bearer k2");
+        }
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst) - before,
+            1,
+            "16 rejections, one fetch"
+        );
+        assert_eq!(store.status().rotations, 1);
+        // The source still says k2: a 401 with k2 is genuine, no replacement.
+        let k2 = store.current().unwrap();
+        assert!(store.replacement_for(&k2).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_invalid_value_keeps_the_previous_key() {
+        let source = Arc::new(Rotating {
+            value: Mutex::new("good".into()),
+            fetches: AtomicU64::new(0),
+        });
+        let store = KeyStore::new(source.clone(), AuthScheme::Bearer, Duration::from_secs(60));
+        store.refresh().await.unwrap();
+        *source.value.lock().unwrap() = "evil\r\nX-Injected: 1".into();
+        assert!(store.refresh().await.is_err());
+        assert_eq!(store.current().unwrap().authorization(), "Bearer good");
+        let status = store.status();
+        assert_eq!(status.refresh_errors, 1);
+        assert!(status.last_error.unwrap().contains("line break"));
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ pub enum UpstreamSetupError {
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
         let base = UpstreamBase::parse(&config.url).map_err(UpstreamSetupError::Url)?;
-        let tls = Arc::new(tls_config(config)?);
+        let tls = Arc::new(client_tls_config(config.ca_file.as_deref())?);
         let mut tls_http1 = (*tls).clone();
         tls_http1.alpn_protocols.clear();
 
@@ -100,11 +100,12 @@ impl Upstream {
     }
 }
 
-/// The public web roots plus the optional `ca_file`, ring crypto, TLS 1.2 and 1.3.
-fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamSetupError> {
+/// The public web roots plus the optional `ca_file`, ring crypto, TLS 1.2 and 1.3. Shared by
+/// the upstream clients and the Vault client.
+pub fn client_tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, UpstreamSetupError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &config.ca_file {
+    if let Some(path) = ca_file {
         let ca_err = |reason: String| UpstreamSetupError::CaFile {
             path: path.display().to_string(),
             reason,

@@ -8,9 +8,11 @@
 pub mod body;
 pub mod forward;
 pub mod guard;
+pub mod retry;
 pub mod rewrite;
 pub mod upgrade;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -21,6 +23,7 @@ use crate::keys::KeyStore;
 use body::ProxyBody;
 use forward::Upstream;
 use guard::{Guard, Transport};
+use retry::OutgoingBody;
 
 /// Correlates a client's request, our log line and the upstream's request.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -61,28 +64,68 @@ impl Proxy {
         request_id: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&req, transport)?;
-        // One load: this request (and its tunnel, if any) keeps this key even if it rotates now.
-        let key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
+        // One load: this request (and its tunnel, if any) keeps this key even if it rotates
+        // now; only a 401 resend switches it, explicitly.
+        let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
         let websocket = upgrade::is_websocket_upgrade(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let uri = self.upstream.base.uri_for(parts.uri.path_and_query())?;
-        rewrite::rewrite_request_headers(&mut parts.headers, key.authorization());
+        let method = parts.method;
+        let mut headers = parts.headers;
+        rewrite::strip_client_headers(&mut headers);
         if let Ok(id) = HeaderValue::from_str(request_id) {
-            parts.headers.insert(REQUEST_ID_HEADER, id);
+            headers.insert(REQUEST_ID_HEADER, id);
         }
         let body = if websocket {
-            upgrade::restore_upgrade_headers(&mut parts.headers);
-            ProxyBody::Empty
+            upgrade::restore_upgrade_headers(&mut headers);
+            OutgoingBody::Replayable(Bytes::new())
         } else {
-            ProxyBody::Incoming(body)
+            retry::prepare(&headers, body).await?
         };
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, body);
+        let (replayable, mut streaming) = match body {
+            OutgoingBody::Replayable(bytes) => (Some(bytes), None),
+            OutgoingBody::Streaming(incoming) => (None, Some(incoming)),
+        };
 
-        let response = self.upstream.send(upstream_request, websocket).await?;
+        let mut resent_after_401 = false;
+        let response = loop {
+            let (mut attempt_headers, body) = match (&replayable, streaming.take()) {
+                (Some(bytes), _) => (headers.clone(), ProxyBody::full(bytes.clone())),
+                (None, Some(incoming)) => (std::mem::take(&mut headers), ProxyBody::Incoming(incoming)),
+                (None, None) => {
+                    return Err(ProxyError::UpstreamUnavailable(
+                        "the request body was already sent".into(),
+                    ))
+                }
+            };
+            rewrite::inject_key(&mut attempt_headers, key.authorization());
+            let mut upstream_request = Request::new(body);
+            *upstream_request.method_mut() = method.clone();
+            *upstream_request.uri_mut() = uri.clone();
+            *upstream_request.version_mut() = Version::HTTP_11;
+            *upstream_request.headers_mut() = attempt_headers;
+
+            let response = self.upstream.send(upstream_request, websocket).await?;
+            if response.status() == StatusCode::UNAUTHORIZED && replayable.is_some() && !resent_after_401 {
+                // The key may have rotated under us: one coalesced refresh, one resend with
+                // the new key if there is one. Never a loop.
+                if let Some(newer) = self.keys.replacement_for(&key).await {
+                    tracing::info!(
+                        request_id,
+                        old = key.fingerprint(),
+                        new = newer.fingerprint(),
+                        "upstream refused the key; resending with the refreshed key"
+                    );
+                    key = newer;
+                    resent_after_401 = true;
+                    continue;
+                }
+            }
+            break response;
+        };
+
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 return Ok(upgrade::open_tunnel(client_upgrade, response, request_id.to_string()));

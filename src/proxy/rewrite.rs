@@ -43,12 +43,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Prepare a client request's headers for the upstream: strip, then inject the key.
-pub fn rewrite_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
+/// Step one for a client request: remove everything the client could use to bring its own
+/// credentials or framing. Done once per request, before any send.
+pub fn strip_client_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
     // hyper derives Host (HTTP/1.1) or :authority (HTTP/2) from the upstream URI.
     headers.remove(header::HOST);
+}
+
+/// Step two, per send (a resend may carry a newer key): the key, as the only Authorization.
+pub fn inject_key(headers: &mut HeaderMap, authorization: &HeaderValue) {
     headers.insert(header::AUTHORIZATION, authorization.clone());
 }
 
@@ -112,7 +117,8 @@ mod tests {
         h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8787"));
-        rewrite_request_headers(&mut h, &key());
+        strip_client_headers(&mut h);
+        inject_key(&mut h, &key());
         assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
         assert_eq!(h[header::AUTHORIZATION], "Bearer sk-proxy");
         for gone in [
@@ -132,7 +138,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
         h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
-        rewrite_request_headers(&mut h, &key());
+        strip_client_headers(&mut h);
+        inject_key(&mut h, &key());
         let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
         assert_eq!(all, vec![&key()]);
     }

@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod pattern;
+pub mod rotation;
+pub mod servers;
 pub mod upstream;
 
 use bytes::Bytes;
@@ -96,17 +98,38 @@ impl TestProxy {
             .await
             .expect("proxy run");
         });
-        TestProxy {
+        let proxy = TestProxy {
             addr,
             key_file,
             _dir: dir,
             shutdown: Some(tx),
             task: Some(task),
-        }
+        };
+        // The listener is bound already, but requests are served only once `run` has made its
+        // first key fetch and entered the accept loop: one answered /health is that signal.
+        let (status, _, _) = get(&proxy.url("/health")).await;
+        assert_eq!(status, 200);
+        proxy
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `/ready`'s JSON.
+    pub async fn ready(&self) -> (http::StatusCode, serde_json::Value) {
+        let (status, _, body) = get(&self.url("/ready")).await;
+        (status, json(&body))
+    }
+
+    /// Poll `/ready` (the only view of the key state from outside) until `predicate` holds,
+    /// bounded. The proxy publishes no push signal for key changes, so this is the signal.
+    pub async fn wait_ready(
+        &self,
+        what: &str,
+        predicate: impl Fn(http::StatusCode, &serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_ready_at(&self.url("/ready"), what, predicate).await
     }
 
     pub async fn stop(mut self) {
@@ -116,6 +139,27 @@ impl TestProxy {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// Poll a `/ready` URL until `predicate` holds (30 s bound, 25 ms between looks).
+pub async fn wait_ready_at(
+    url: &str,
+    what: &str,
+    predicate: impl Fn(http::StatusCode, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = get(url).await;
+        let body = json(&body);
+        if predicate(status, &body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 30 s for {what}; last /ready: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -154,6 +198,8 @@ pub struct ProxyProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Notified for every new stderr line, so tests can wait for a log line (a signal).
+    new_line: Arc<std::sync::Condvar>,
     _dir: tempfile::TempDir,
 }
 
@@ -182,8 +228,10 @@ impl ProxyProcess {
         let mut child = command.spawn().expect("spawn smallest-proxy");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let new_line = Arc::new(std::sync::Condvar::new());
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let sink = lines.clone();
+        let notify = new_line.clone();
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines() {
@@ -194,6 +242,7 @@ impl ProxyProcess {
                     }
                 }
                 sink.lock().expect("lines").push(line);
+                notify.notify_all();
             }
         });
         let line = match addr_rx.recv_timeout(Duration::from_secs(60)) {
@@ -216,6 +265,7 @@ impl ProxyProcess {
             child,
             addr,
             stderr: lines,
+            new_line,
             _dir: dir,
         }
     }
@@ -233,6 +283,24 @@ impl ProxyProcess {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .expect("VmHWM")
+    }
+
+    /// Block until `count` log lines contain `needle` (bounded by `within`).
+    pub fn wait_for_log(&self, needle: &str, count: usize, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let mut lines = self.stderr.lock().expect("lines");
+        loop {
+            if lines.iter().filter(|l| l.contains(needle)).count() >= count {
+                return;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "waited {within:?} for {count} log lines with {needle:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.new_line.wait_timeout(lines, left).expect("lines").0;
+        }
     }
 
     pub fn stderr_text(&self) -> String {

@@ -90,6 +90,23 @@ pub struct UpstreamState {
     pub hang: Notify,
     /// WebSocket handshakes the upstream accepted.
     pub websocket_handshakes: Mutex<Vec<HeaderMap>>,
+    /// When set, only `Bearer <this>` is accepted; anything else gets 401 like Smallest. A
+    /// test rotating the key holds this lock while it writes the new key to the source, so
+    /// the upstream switches to the new key at the moment it is written.
+    pub accepted_key: tokio::sync::Mutex<Option<String>>,
+    /// Count of requests answered 200 with the accepted key; tests wait on it.
+    pub accepted_count: tokio::sync::watch::Sender<u64>,
+}
+
+impl UpstreamState {
+    /// Wait until at least `n` requests have been accepted in total (bounded).
+    pub async fn wait_accepted(&self, n: u64) {
+        let mut rx = self.accepted_count.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(30), rx.wait_for(|count| *count >= n))
+            .await
+            .expect("upstream did not see enough accepted requests within 30 s")
+            .expect("watch closed");
+    }
 }
 
 pub struct TestUpstream {
@@ -182,6 +199,34 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_string();
     let params = query(&req);
+    {
+        let accepted = state.accepted_key.lock().await;
+        if let Some(key) = accepted.as_ref() {
+            let expected = format!("Bearer {key}");
+            let ok = req
+                .headers()
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .map(|v| v.as_bytes())
+                .eq([expected.as_bytes()]);
+            if !ok {
+                let rec = Recorded {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    version: req.version(),
+                    headers: req.headers().clone(),
+                    body: Bytes::new(),
+                };
+                state.records.lock().expect("records").push(rec);
+                return Ok(full(
+                    StatusCode::UNAUTHORIZED,
+                    "application/json",
+                    r#"{"error":"Invalid API key"}"#,
+                ));
+            }
+            state.accepted_count.send_modify(|c| *c += 1);
+        }
+    }
     let record = |body: Bytes| Recorded {
         method: req.method().clone(),
         uri: req.uri().clone(),
