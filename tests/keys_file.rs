@@ -131,3 +131,31 @@ async fn a_value_with_cr_lf_is_rejected_and_the_last_key_kept() {
     assert!(!record.headers.contains_key("x-injected"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_websocket_keeps_its_key_and_new_requests_get_the_new_one() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/waves/v1/tts/live", proxy.addr))
+        .await
+        .unwrap();
+    write_atomically(&proxy.key_file, "sk-after-rotation");
+    let want = fingerprint("sk-after-rotation");
+    proxy
+        .wait_ready("the rotated key", |_, r| r["key"]["fingerprint"] == want.as_str())
+        .await;
+    // The tunnel opened with the old key goes on working.
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("still here".into()));
+    let (mut second, _) = tokio_tungstenite::connect_async(format!("ws://{}/waves/v1/tts/live", proxy.addr))
+        .await
+        .unwrap();
+    second.send(Message::Text("new".into())).await.unwrap();
+    second.next().await.unwrap().unwrap();
+    let handshakes = upstream.state.websocket_handshakes.lock().unwrap().clone();
+    assert_eq!(handshakes[0]["authorization"], format!("Bearer {TEST_KEY}").as_str());
+    assert_eq!(handshakes[1]["authorization"], "Bearer sk-after-rotation");
+    proxy.stop().await;
+}

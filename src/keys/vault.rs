@@ -358,7 +358,9 @@ async fn read_trimmed(path: &std::path::Path, what: &str) -> Result<SecretString
 }
 
 /// Renew at two thirds of each TTL. When Vault grants noticeably less than the last TTL, the
-/// token's max TTL is near: log in afresh before it runs out. When renewal fails, log in again.
+/// token's max TTL is near: log in afresh before it runs out. When renewal is refused (OpenBao
+/// refuses outright near the max TTL), log in again; the key already fetched keeps serving
+/// meanwhile, since the token is only needed for the next fetch.
 /// Ends when the source is dropped or the token is replaced (its `LoginToken` aborts us).
 async fn renew_until_dropped(source: Weak<Inner>, token: SecretString, mut ttl: Duration) {
     loop {
@@ -378,7 +380,9 @@ async fn renew_until_dropped(source: Weak<Inner>, token: SecretString, mut ttl: 
                         ttl_seconds = lease.ttl.as_secs(),
                         "vault: token max TTL is near; logging in again"
                     ),
-                    Err(e) => tracing::warn!(error = %e, "vault: token renewal failed; logging in again"),
+                    // Expected at the end of a token's life (Vault and OpenBao refuse renewals
+                    // near the max TTL rather than cap them): not a warning, just a new login.
+                    Err(e) => tracing::info!(error = %e, "vault: token renewal refused; logging in again"),
                 }
                 let mut slot = inner.token.lock().await;
                 match inner.login().await {

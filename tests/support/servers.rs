@@ -102,12 +102,27 @@ impl Bao {
 
     /// A call to the Bao HTTP API as root; panics on a non-2xx answer.
     pub async fn api(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.api_in(None, method, path, body).await
+    }
+
+    /// [`Bao::api`] inside a namespace.
+    pub async fn api_in(
+        &self,
+        namespace: Option<&str>,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
         use http_body_util::BodyExt;
         let client = super::client();
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
             .uri(format!("{}/v1/{}", self.addr, path.trim_start_matches('/')))
-            .header("x-vault-token", BAO_ROOT_TOKEN)
+            .header("x-vault-token", BAO_ROOT_TOKEN);
+        if let Some(namespace) = namespace {
+            request = request.header("x-vault-namespace", namespace);
+        }
+        let request = request
             .body(http_body_util::Full::new(bytes::Bytes::from(if body.is_null() {
                 String::new()
             } else {
