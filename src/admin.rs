@@ -1,5 +1,5 @@
 //! Endpoints the proxy answers itself and never forwards or limits: `/health` (the process is
-//! up) and `/ready` (a key is loaded, so requests can be served).
+//! up), `/ready` (a key is loaded, so requests can be served) and `/metrics` (Prometheus).
 //!
 //! `/ready` reports the key's source, fingerprint, age and last error: enough for an operator
 //! to see which key is live and why it is not, never the key.
@@ -8,17 +8,19 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::keys::KeyStore;
+use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 
 pub const HEALTH_PATH: &str = "/health";
 pub const READY_PATH: &str = "/ready";
+pub const METRICS_PATH: &str = "/metrics";
 
 /// Whether this request is for an admin endpoint (any method; only GET/HEAD are served).
 pub fn is_admin_request<B>(req: &Request<B>) -> bool {
-    matches!(req.uri().path(), HEALTH_PATH | READY_PATH)
+    matches!(req.uri().path(), HEALTH_PATH | READY_PATH | METRICS_PATH)
 }
 
-pub fn respond<B>(req: &Request<B>, keys: &KeyStore) -> Response<ProxyBody> {
+pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let body =
             serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
@@ -26,6 +28,14 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore) -> Response<ProxyBody> {
     }
     match req.uri().path() {
         HEALTH_PATH => json(StatusCode::OK, &serde_json::json!({"status": "healthy"})),
+        METRICS_PATH => {
+            let mut response = Response::new(ProxyBody::full(Bytes::from(metrics.encode())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
         _ => {
             let status = keys.status();
             if status.ready {

@@ -53,6 +53,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub key: KeyConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -308,6 +309,161 @@ pub enum KeySourceKind {
     File,
     Vault,
     Aws,
+}
+
+/// Waiting requests per class beyond which new ones are shed at once.
+pub const DEFAULT_MAX_QUEUE: usize = 1000;
+/// Longest wait for a slot before a 429.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Resends of a replayable request after an upstream 429/503.
+pub const DEFAULT_UPSTREAM_RETRIES: u32 = 2;
+/// A crashed replica's shared slots free themselves after this.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// A Redis call slower than this counts as Redis being down (fall back to local limits).
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// `[limits]`: the default class (every path no `[[limits.class]]` claims), the named classes,
+/// and optional shared state. serde cannot combine `flatten` with `deny_unknown_fields`, so
+/// the default class's fields are spelled out here; a named class inherits any field it does
+/// not set from them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// In-flight upstream requests; 0 = unlimited.
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    #[serde(with = "duration_str")]
+    pub queue_timeout: Duration,
+    /// Requests per `per`; 0 = unlimited.
+    pub rate: u32,
+    #[serde(with = "duration_str")]
+    pub per: Duration,
+    pub burst: u32,
+    /// Open WebSocket tunnels; 0 = unlimited.
+    pub max_websockets: usize,
+    pub upstream_retries: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub class: Vec<ClassConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedLimitsConfig>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_concurrent: 0,
+            max_queue: DEFAULT_MAX_QUEUE,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            rate: 0,
+            per: Duration::from_secs(1),
+            burst: 1,
+            max_websockets: 0,
+            upstream_retries: DEFAULT_UPSTREAM_RETRIES,
+            class: Vec::new(),
+            shared: None,
+        }
+    }
+}
+
+/// One `[[limits.class]]`: the limits for requests whose path starts with one of `paths`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub name: String,
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration_str")]
+    pub queue_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration_str")]
+    pub per: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_websockets: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_retries: Option<u32>,
+}
+
+/// The limits one class runs with, after inheritance from `[limits]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassLimits {
+    pub name: String,
+    pub paths: Vec<String>,
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub rate: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub max_websockets: usize,
+    pub upstream_retries: u32,
+}
+
+/// The name of the class every unclaimed path falls in.
+pub const DEFAULT_CLASS_NAME: &str = "default";
+
+impl LimitsConfig {
+    pub fn default_class(&self) -> ClassLimits {
+        ClassLimits {
+            name: DEFAULT_CLASS_NAME.into(),
+            paths: Vec::new(),
+            max_concurrent: self.max_concurrent,
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            rate: self.rate,
+            per: self.per,
+            burst: self.burst,
+            max_websockets: self.max_websockets,
+            upstream_retries: self.upstream_retries,
+        }
+    }
+
+    pub fn classes(&self) -> Vec<ClassLimits> {
+        self.class
+            .iter()
+            .map(|c| ClassLimits {
+                name: c.name.clone(),
+                paths: c.paths.clone(),
+                max_concurrent: c.max_concurrent.unwrap_or(self.max_concurrent),
+                max_queue: c.max_queue.unwrap_or(self.max_queue),
+                queue_timeout: c.queue_timeout.unwrap_or(self.queue_timeout),
+                rate: c.rate.unwrap_or(self.rate),
+                per: c.per.unwrap_or(self.per),
+                burst: c.burst.unwrap_or(self.burst),
+                max_websockets: c.max_websockets.unwrap_or(self.max_websockets),
+                upstream_retries: c.upstream_retries.unwrap_or(self.upstream_retries),
+            })
+            .collect()
+    }
+}
+
+/// `[limits.shared]`: hold the limits in Redis so they apply across replicas.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedLimitsConfig {
+    pub redis_url: String,
+    #[serde(default = "default_lease", with = "duration_str")]
+    pub lease: Duration,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_redis_timeout", with = "duration_str")]
+    pub timeout: Duration,
+}
+
+fn default_lease() -> Duration {
+    DEFAULT_LEASE
+}
+fn default_key_prefix() -> String {
+    "smallest-proxy".into()
+}
+fn default_redis_timeout() -> Duration {
+    DEFAULT_REDIS_TIMEOUT
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -566,6 +722,49 @@ impl Config {
                 "source = \"aws\" needs a [key.aws] table with at least `secret_id`".into(),
             );
         }
+        let limits = &self.limits;
+        for (i, class) in limits.class.iter().enumerate() {
+            let at = |field: &str| format!("limits.class[{i}].{field}");
+            if class.name.is_empty() || class.name == DEFAULT_CLASS_NAME {
+                return err(&at("name"), format!("needs a name other than {DEFAULT_CLASS_NAME:?}"));
+            }
+            if limits.class[..i].iter().any(|c| c.name == class.name) {
+                return err(&at("name"), format!("{:?} is used by two classes", class.name));
+            }
+            if class.paths.is_empty() || class.paths.iter().any(|p| !p.starts_with('/')) {
+                return err(
+                    &at("paths"),
+                    "needs at least one path prefix, each starting with /".into(),
+                );
+            }
+        }
+        for class in std::iter::once(limits.default_class()).chain(limits.classes()) {
+            let key = |field: &str| match limits.class.iter().position(|c| c.name == class.name) {
+                Some(i) => format!("limits.class[{i}].{field}"),
+                None => format!("limits.{field}"),
+            };
+            if class.rate > 0 && class.per.is_zero() {
+                return err(&key("per"), "must be longer than 0s".into());
+            }
+            if class.burst == 0 {
+                return err(&key("burst"), "must be at least 1".into());
+            }
+        }
+        if let Some(shared) = &limits.shared {
+            if !(shared.redis_url.starts_with("redis://")
+                || shared.redis_url.starts_with("rediss://")
+                || shared.redis_url.starts_with("redis+unix://")
+                || shared.redis_url.starts_with("unix://"))
+            {
+                return err(
+                    "limits.shared.redis_url",
+                    format!("{:?} is not a redis:// URL", shared.redis_url),
+                );
+            }
+            if shared.lease < Duration::from_secs(1) {
+                return err("limits.shared.lease", "must be at least 1s".into());
+            }
+        }
         if self.key.refresh_interval < Duration::from_secs(1) {
             return err("key.refresh_interval", "must be at least 1s".into());
         }
@@ -668,22 +867,30 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut span = None;
+    // Segments look like `listen`, or `class[2]` for an element of an array of tables (the
+    // form serde_path_to_error prints).
     let parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
     for (i, part) in parts.iter().enumerate() {
-        let (k, item) = table.get_key_value(part)?;
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (*part, None),
+        };
+        let (k, item) = table.get_key_value(name)?;
         span = k.span().or_else(|| item.span()).or(span);
-        if i + 1 < parts.len() {
-            match item {
-                toml_edit::Item::Table(t) => table = t,
-                toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => table = t,
-                toml_edit::Item::ArrayOfTables(a) => {
-                    // `limits.class[2].name` style paths come through serde_path_to_error as
-                    // `limits.class[2]`; take the index when present.
-                    let idx = parts.get(i + 1).and_then(|p| p.parse::<usize>().ok()).unwrap_or(0);
-                    table = a.get(idx)?;
+        let last = i + 1 == parts.len();
+        match item {
+            toml_edit::Item::ArrayOfTables(array) => {
+                let element = array.get(index.unwrap_or(0))?;
+                span = element.span().or(span);
+                if last {
+                    break;
                 }
-                _ => break,
+                table = element;
             }
+            _ if last => break,
+            toml_edit::Item::Table(t) => table = t,
+            toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => table = t,
+            _ => break,
         }
     }
     span.map(|s| line_col(text, s.start))
@@ -703,6 +910,22 @@ fn first_line(s: &str) -> String {
 fn unknown_field_name(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     Some(rest.split('`').next()?.to_string())
+}
+
+/// Optional durations as human strings.
+pub mod opt_duration_str {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration_str::deserialize(d).map(Some)
+    }
 }
 
 /// Durations as human strings (`"300ms"`, `"5m"`) both ways.
@@ -851,6 +1074,27 @@ max_stale = "2h"
         )];
         let c = load_text(None, "[key]\nsource = \"vault\"\n[key.vault]\naddress = \"https://v\"\npath = \"p\"\n[key.vault.auth]\nmethod = \"approle\"\n", &vars).unwrap();
         assert_eq!(c.key.vault.unwrap().auth.role_id.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn limit_classes_inherit_from_the_default_class() {
+        let c = load(
+            "[limits]\nqueue_timeout = \"5s\"\nmax_concurrent = 8\n\n[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/lightning\", \"/waves/v1/tts\"]\nmax_concurrent = 1\nmax_websockets = 5\n",
+        )
+        .unwrap();
+        let classes = c.limits.classes();
+        assert_eq!(classes[0].name, "tts");
+        assert_eq!((classes[0].max_concurrent, classes[0].max_websockets), (1, 5));
+        assert_eq!(classes[0].queue_timeout, Duration::from_secs(5), "inherited");
+        assert_eq!(c.limits.default_class().max_concurrent, 8);
+
+        let e = load("[[limits.class]]\nname = \"tts\"\npaths = [\"waves\"]\n").unwrap_err();
+        assert_eq!(e.key, "limits.class[0].paths");
+        assert!(e.location.starts_with("proxy.toml:"), "{e}");
+        let e = load("[[limits.class]]\nname = \"a\"\npaths = [\"/a\"]\nburst = 0\n").unwrap_err();
+        assert_eq!(e.key, "limits.class[0].burst");
+        let e = load("[limits.shared]\nredis_url = \"http://x\"\n").unwrap_err();
+        assert_eq!(e.key, "limits.shared.redis_url");
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 
@@ -32,17 +34,21 @@ use proxy::Proxy;
 /// How long start-up waits for the first key fetch before serving anyway (with `/ready` 503
 /// and `KEY_UNAVAILABLE` answers until the source comes up).
 pub const INITIAL_KEY_WAIT: Duration = Duration::from_secs(2);
+/// How long start-up waits for Redis before serving with local limits (shared mode resumes by
+/// itself once Redis answers).
+pub const SHARED_LIMITS_WAIT: Duration = Duration::from_secs(2);
 
 /// Everything a request needs, shared by all connections.
 pub struct App {
     proxy: Proxy,
     keys: Arc<KeyStore>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl App {
     async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
         if admin::is_admin_request(&req) {
-            return admin::respond(&req, &self.keys);
+            return admin::respond(&req, &self.keys, &self.metrics);
         }
         self.proxy.handle(req, transport).await
     }
@@ -54,6 +60,8 @@ pub enum RunError {
     Upstream(#[from] proxy::forward::UpstreamSetupError),
     #[error("key source: {0}")]
     KeySource(#[from] keys::KeyError),
+    #[error("{0}")]
+    Limits(String),
 }
 
 /// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
@@ -99,9 +107,22 @@ pub async fn run_with_reload(
         check_host: !config.listen.allow_remote,
         allowed_origins: config.listen.allowed_origins.clone(),
     };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let shared = match &config.limits.shared {
+        Some(shared) => {
+            let store =
+                limits::redis::SharedStore::start(shared, metrics.redis_fallbacks.clone()).map_err(RunError::Limits)?;
+            // Start in shared mode when Redis is there; never hold start-up hostage to it.
+            store.wait_up(SHARED_LIMITS_WAIT).await;
+            Some(store)
+        }
+        None => None,
+    };
+    let limiter = Arc::new(limits::Limiter::new(&config.limits, &metrics, shared));
     let app = Arc::new(App {
-        proxy: Proxy::new(upstream, keys.clone(), guard),
+        proxy: Proxy::new(upstream, keys.clone(), guard, limiter),
         keys: keys.clone(),
+        metrics,
     });
 
     let status = keys.status();

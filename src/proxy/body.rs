@@ -11,6 +11,8 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::limits::Permit;
+
 pub enum ProxyBody {
     /// Nothing (or already sent).
     Empty,
@@ -18,6 +20,9 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body streaming from the other side, passed through frame by frame.
     Incoming(Incoming),
+    /// An upstream response holding its class's slot: the permit is released the moment the
+    /// body ends or fails (or, if the client goes away, when hyper drops the body).
+    Limited(Incoming, Option<Permit>),
 }
 
 impl ProxyBody {
@@ -39,6 +44,13 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(incoming) => Pin::new(incoming).poll_frame(cx),
+            ProxyBody::Limited(incoming, permit) => {
+                let polled = Pin::new(incoming).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    permit.take();
+                }
+                polled
+            }
         }
     }
 
@@ -46,7 +58,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Incoming(incoming) => incoming.is_end_stream(),
+            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.is_end_stream(),
         }
     }
 
@@ -54,7 +66,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Incoming(incoming) => incoming.size_hint(),
+            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.size_hint(),
         }
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::error::ProxyError;
 use crate::keys::KeyStore;
+use crate::limits::{self, Limiter};
 use body::ProxyBody;
 use forward::Upstream;
 use guard::{Guard, Transport};
@@ -32,11 +33,17 @@ pub struct Proxy {
     upstream: Upstream,
     keys: Arc<KeyStore>,
     guard: Guard,
+    limiter: Arc<Limiter>,
 }
 
 impl Proxy {
-    pub fn new(upstream: Upstream, keys: Arc<KeyStore>, guard: Guard) -> Proxy {
-        Proxy { upstream, keys, guard }
+    pub fn new(upstream: Upstream, keys: Arc<KeyStore>, guard: Guard, limiter: Arc<Limiter>) -> Proxy {
+        Proxy {
+            upstream,
+            keys,
+            guard,
+            limiter,
+        }
     }
 
     /// Forward one client request; never fails (errors are answered as JSON).
@@ -72,6 +79,7 @@ impl Proxy {
 
         let (parts, body) = req.into_parts();
         let uri = self.upstream.base.uri_for(parts.uri.path_and_query())?;
+        let class = self.limiter.class_for(parts.uri.path()).clone();
         let method = parts.method;
         let mut headers = parts.headers;
         rewrite::strip_client_headers(&mut headers);
@@ -89,7 +97,20 @@ impl Proxy {
             OutgoingBody::Streaming(incoming) => (None, Some(incoming)),
         };
 
+        // Admission after the (small) body is in, so a slot is never held waiting on a slow
+        // client's upload of a replayable body.
+        let kind = if websocket {
+            limits::Kind::WebSocket
+        } else {
+            limits::Kind::Request
+        };
+        let permit = class.admit(kind).await.map_err(|shed| ProxyError::RateLimited {
+            message: shed.message(),
+            retry_after: shed.retry_after,
+        })?;
+
         let mut resent_after_401 = false;
+        let mut resends_after_throttle = 0;
         let response = loop {
             let (mut attempt_headers, body) = match (&replayable, streaming.take()) {
                 (Some(bytes), _) => (headers.clone(), ProxyBody::full(bytes.clone())),
@@ -123,18 +144,44 @@ impl Proxy {
                     continue;
                 }
             }
+            let status = response.status();
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+                // The account's own limit: pause the class for everyone, and resend this one
+                // if it can be resent, after the pause or a jittered backoff.
+                let wait = limits::parse_retry_after(response.headers().get(http::header::RETRY_AFTER))
+                    .unwrap_or(limits::DEFAULT_UPSTREAM_PAUSE);
+                class.pause(status.as_u16(), wait);
+                if replayable.is_some() && resends_after_throttle < class.limits.upstream_retries {
+                    resends_after_throttle += 1;
+                    let delay = class.resend_delay(resends_after_throttle);
+                    tracing::debug!(
+                        request_id,
+                        status = status.as_u16(),
+                        delay_ms = delay.as_millis() as u64,
+                        "upstream throttled; resending"
+                    );
+                    drop(response);
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
             break response;
         };
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return Ok(upgrade::open_tunnel(client_upgrade, response, request_id.to_string()));
+                return Ok(upgrade::open_tunnel(
+                    client_upgrade,
+                    response,
+                    request_id.to_string(),
+                    permit,
+                ));
             }
         }
         let (mut parts, body) = response.into_parts();
         rewrite::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+        Ok(Response::from_parts(parts, ProxyBody::Limited(body, Some(permit))))
     }
 }
 

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
+use crate::limits::Permit;
 
 /// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -41,12 +42,15 @@ pub fn open_tunnel(
     client: OnUpgrade,
     mut upstream_response: Response<Incoming>,
     request_id: String,
+    permit: Permit,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     restore_upgrade_headers(&mut parts.headers);
     tokio::spawn(async move {
+        // The WebSocket slot is held for exactly the tunnel's life.
+        let _permit = permit;
         let (client, upstream) = tokio::join!(client, upstream);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {

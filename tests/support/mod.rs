@@ -163,6 +163,36 @@ pub async fn wait_ready_at(
     }
 }
 
+/// One sample from `/metrics` (`series` is the name with its labels as printed, e.g.
+/// `smallest_proxy_limit_admitted_total{class="tts"}`); 0 when absent.
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let (_, _, body) = get(&format!("{base}/metrics")).await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Poll `/metrics` until `series` satisfies `predicate` (30 s bound).
+pub async fn wait_metric(base: &str, series: &str, predicate: impl Fn(f64) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = metric(base, series).await;
+        if predicate(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 30 s on {series}; last value {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A plain HTTP/1.1 client, the way an app on the same host talks to the proxy.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()

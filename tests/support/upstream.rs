@@ -28,6 +28,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// The body, for requests to paths other than `/upload` (which only counts).
     pub body: Bytes,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 /// Test certificates: a CA the proxy trusts (written to `ca_file`) and a leaf for
@@ -86,8 +88,6 @@ pub struct UpstreamState {
     pub sse_release: Notify,
     /// Set once `/sse` has written its last event.
     pub sse_finished: AtomicBool,
-    /// `/hang` waits on this forever (tests of timeouts and cancellation).
-    pub hang: Notify,
     /// WebSocket handshakes the upstream accepted.
     pub websocket_handshakes: Mutex<Vec<HeaderMap>>,
     /// When set, only `Bearer <this>` is accepted; anything else gets 401 like Smallest. A
@@ -96,9 +96,67 @@ pub struct UpstreamState {
     pub accepted_key: tokio::sync::Mutex<Option<String>>,
     /// Count of requests answered 200 with the accepted key; tests wait on it.
     pub accepted_count: tokio::sync::watch::Sender<u64>,
+    /// Like Smallest: more than this many requests in flight at once get 429 (0 = no limit).
+    pub concurrency_limit: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    /// The most requests ever in flight at once.
+    pub max_in_flight: AtomicUsize,
+    /// 429s the upstream answered because of `concurrency_limit`.
+    pub rejected_429: AtomicUsize,
+    /// Simulated synthesis time of an ordinary request, in milliseconds.
+    pub work_ms: std::sync::atomic::AtomicU64,
+    /// `/hang` waits for a permit here; tests add permits to release held requests.
+    pub hold: Hold,
+    /// `/flaky` answers 429 (Retry-After: 1) while this is above zero, counting down.
+    pub flaky_remaining: AtomicUsize,
+    /// Requests recorded so far; tests wait on it.
+    pub arrivals: tokio::sync::watch::Sender<usize>,
+}
+
+/// A semaphore that starts closed (no permits).
+pub struct Hold(pub tokio::sync::Semaphore);
+
+impl Default for Hold {
+    fn default() -> Self {
+        Hold(tokio::sync::Semaphore::new(0))
+    }
+}
+
+/// Counts a request in flight from arrival to response head.
+struct InFlight<'a>(&'a UpstreamState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a UpstreamState) -> (InFlight<'a>, usize) {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        (InFlight(state), now)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl UpstreamState {
+    fn record(&self, recorded: Recorded) {
+        let mut records = self.records.lock().expect("records");
+        records.push(recorded);
+        let n = records.len();
+        drop(records);
+        self.arrivals.send_replace(n);
+    }
+
+    /// Wait until at least `n` requests have arrived (bounded).
+    pub async fn wait_arrivals(&self, n: usize) {
+        let mut rx = self.arrivals.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(30), rx.wait_for(|count| *count >= n))
+            .await
+            .unwrap_or_else(|_| panic!("upstream did not see {n} requests within 30 s"))
+            .expect("watch closed");
+    }
+
     /// Wait until at least `n` requests have been accepted in total (bounded).
     pub async fn wait_accepted(&self, n: u64) {
         let mut rx = self.accepted_count.subscribe();
@@ -216,8 +274,9 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
                     version: req.version(),
                     headers: req.headers().clone(),
                     body: Bytes::new(),
+                    at: std::time::Instant::now(),
                 };
-                state.records.lock().expect("records").push(rec);
+                state.record(rec);
                 return Ok(full(
                     StatusCode::UNAUTHORIZED,
                     "application/json",
@@ -227,22 +286,24 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
             state.accepted_count.send_modify(|c| *c += 1);
         }
     }
+    let arrived = std::time::Instant::now();
     let record = |body: Bytes| Recorded {
         method: req.method().clone(),
         uri: req.uri().clone(),
         version: req.version(),
         headers: req.headers().clone(),
         body,
+        at: arrived,
     };
 
     if path.starts_with("/ws") || path.ends_with("/live") || path.contains("realtime") {
         let rec = record(Bytes::new());
-        state.records.lock().expect("records").push(rec);
+        state.record(rec);
         return Ok(websocket_echo(&mut req, &state));
     }
     if path == "/upload" {
         let rec = record(Bytes::new());
-        state.records.lock().expect("records").push(rec);
+        state.record(rec);
         let mut body = req.into_body();
         let mut checker = pattern::Checker::default();
         while let Some(frame) = body.frame().await {
@@ -267,8 +328,23 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
         version: parts.version,
         headers: parts.headers.clone(),
         body: bytes.clone(),
+        at: arrived,
     };
-    state.records.lock().expect("records").push(rec);
+    state.record(rec);
+    let (_in_flight, now_in_flight) = InFlight::enter(&state);
+    let limit = state.concurrency_limit.load(Ordering::SeqCst);
+    if limit > 0 && now_in_flight > limit {
+        state.rejected_429.fetch_add(1, Ordering::SeqCst);
+        let mut response = full(
+            StatusCode::TOO_MANY_REQUESTS,
+            "application/json",
+            r#"{"error":"Too many concurrent requests"}"#,
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return Ok(response);
+    }
 
     let response = match path.as_str() {
         "/download" => {
@@ -308,8 +384,31 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
                 .expect("response")
         }
         "/hang" => {
-            state.hang.notified().await;
+            if let Ok(permit) = state.hold.0.acquire().await {
+                permit.forget();
+            }
             full(StatusCode::OK, "text/plain", "released")
+        }
+        "/flaky" => {
+            let throttled = state
+                .flaky_remaining
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if throttled {
+                let mut response = full(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "application/json",
+                    r#"{"error":"rate limited"}"#,
+                );
+                let retry_after = params.get("retry_after").cloned().unwrap_or_else(|| "1".into());
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from_str(&retry_after).expect("retry-after"),
+                );
+                response
+            } else {
+                full(StatusCode::OK, "application/json", r#"{"ok":true}"#)
+            }
         }
         "/redirect" => Response::builder()
             .status(StatusCode::FOUND)
@@ -322,6 +421,11 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
             full(status, "application/json", format!("{{\"upstream_status\":{code}}}"))
         }
         _ => {
+            let work = state.work_ms.load(Ordering::SeqCst);
+            if work > 0 {
+                // Simulated synthesis time, so unlimited requests would overlap.
+                tokio::time::sleep(std::time::Duration::from_millis(work)).await;
+            }
             let mut response = full(StatusCode::OK, "application/octet-stream", bytes);
             response
                 .headers_mut()

@@ -1,0 +1,506 @@
+//! Client-side limits: turn the account's concurrency and rate limits into short, fair waits
+//! instead of upstream 429s.
+//!
+//! Every request falls in one class (the longest `[[limits.class]]` path prefix that matches,
+//! else the default class). Admission to a class is FIFO and has two steps: pacing (the class's
+//! pause after an upstream 429/503, then its GCRA rate, both behind one fair gate so waiters
+//! keep their order) and a slot (a fair semaphore for requests, another for WebSocket tunnels).
+//! The resulting [`Permit`] is RAII: it lives in the response body or the WebSocket tunnel and
+//! is released when they end, on every path (errors, client disconnects), so a slot can't leak.
+//! A wait past `queue_timeout`, or arriving at a full queue, is shed with a 429.
+//!
+//! In shared mode (`[limits.shared]`) the rate and the slots live in Redis (see `redis.rs`),
+//! and the local semaphores and rate limiter become the fallback while Redis is unreachable.
+
+pub mod redis;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{ClassLimits, LimitsConfig};
+use crate::metrics::{ClassLabel, Metrics, ShedLabels, ThrottleLabels};
+use redis::{SharedLease, SharedStore};
+
+/// First step of the resend backoff after an upstream 429/503 (then ×2 per attempt, full
+/// jitter, capped at [`RETRY_BACKOFF_CAP`]).
+pub const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Pause when an upstream 429/503 carries no usable `Retry-After`.
+pub const DEFAULT_UPSTREAM_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a permit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An HTTP request: holds a `max_concurrent` slot until its response body ends.
+    Request,
+    /// A WebSocket tunnel: holds a `max_websockets` slot until it closes. Tunnels do not take a
+    /// request slot, or one open live-TTS socket would block every plain request for its
+    /// whole life.
+    WebSocket,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    QueueFull,
+    QueueTimeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shed {
+    pub class: String,
+    pub reason: ShedReason,
+    pub retry_after: Duration,
+}
+
+impl Shed {
+    pub fn message(&self) -> String {
+        match self.reason {
+            ShedReason::QueueFull => format!(
+                "too many requests are waiting for the {:?} limit; try again shortly",
+                self.class
+            ),
+            ShedReason::QueueTimeout => format!("waited too long for a {:?} slot; try again shortly", self.class),
+        }
+    }
+}
+
+/// All classes, matched by path prefix.
+pub struct Limiter {
+    /// Named classes' prefixes, longest first, so the most specific class wins.
+    prefixes: Vec<(String, Arc<Class>)>,
+    default: Arc<Class>,
+    classes: Vec<Arc<Class>>,
+}
+
+impl Limiter {
+    pub fn new(config: &LimitsConfig, metrics: &Metrics, shared: Option<Arc<SharedStore>>) -> Limiter {
+        let default = Arc::new(Class::new(config.default_class(), metrics, shared.clone()));
+        let mut classes = vec![default.clone()];
+        let mut prefixes = Vec::new();
+        for limits in config.classes() {
+            let class = Arc::new(Class::new(limits, metrics, shared.clone()));
+            for path in &class.limits.paths {
+                prefixes.push((path.clone(), class.clone()));
+            }
+            classes.push(class);
+        }
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        Limiter {
+            prefixes,
+            default,
+            classes,
+        }
+    }
+
+    pub fn class_for(&self, path: &str) -> &Arc<Class> {
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(&self.default, |(_, class)| class)
+    }
+
+    pub fn classes(&self) -> &[Arc<Class>] {
+        &self.classes
+    }
+}
+
+/// Counters and gauges of one class, cloned from their families once.
+struct ClassMetrics {
+    admitted: Counter,
+    shed_full: Counter,
+    shed_timeout: Counter,
+    queue_depth: Gauge,
+    wait: Histogram,
+    in_flight: Gauge,
+    websockets: Gauge,
+    throttled_429: Counter,
+    throttled_503: Counter,
+    retries: Counter,
+}
+
+impl ClassMetrics {
+    fn new(name: &str, metrics: &Metrics) -> ClassMetrics {
+        let class = ClassLabel {
+            class: name.to_string(),
+        };
+        let shed = |reason| {
+            metrics
+                .shed
+                .get_or_create(&ShedLabels {
+                    class: name.to_string(),
+                    reason,
+                })
+                .clone()
+        };
+        let throttled = |status| {
+            metrics
+                .upstream_throttled
+                .get_or_create(&ThrottleLabels {
+                    class: name.to_string(),
+                    status,
+                })
+                .clone()
+        };
+        ClassMetrics {
+            admitted: metrics.admitted.get_or_create(&class).clone(),
+            shed_full: shed("queue_full"),
+            shed_timeout: shed("queue_timeout"),
+            queue_depth: metrics.queue_depth.get_or_create(&class).clone(),
+            wait: metrics.queue_wait.get_or_create(&class).clone(),
+            in_flight: metrics.in_flight.get_or_create(&class).clone(),
+            websockets: metrics.websockets_active.get_or_create(&class).clone(),
+            throttled_429: throttled(429),
+            throttled_503: throttled(503),
+            retries: metrics.upstream_retries.get_or_create(&class).clone(),
+        }
+    }
+}
+
+/// One class's limits and the state that enforces them.
+pub struct Class {
+    pub limits: ClassLimits,
+    requests: Option<Arc<Semaphore>>,
+    websockets: Option<Arc<Semaphore>>,
+    rate: Option<DefaultDirectRateLimiter>,
+    /// FIFO gate for pacing (pause and rate) and for the shared-slot poll loop.
+    gate: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
+    paused_until: Mutex<Option<Instant>>,
+    shared: Option<Arc<SharedStore>>,
+    /// Woken when a shared slot of this class is released here, so local waiters retry at once.
+    shared_freed: tokio::sync::Notify,
+    metrics: ClassMetrics,
+}
+
+impl Class {
+    fn new(limits: ClassLimits, metrics: &Metrics, shared: Option<Arc<SharedStore>>) -> Class {
+        let semaphore = |n: usize| (n > 0).then(|| Arc::new(Semaphore::new(n)));
+        let rate = NonZeroU32::new(limits.rate).and_then(|rate| {
+            let period = limits.per / rate.get();
+            let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
+            Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(burst)))
+        });
+        Class {
+            requests: semaphore(limits.max_concurrent),
+            websockets: semaphore(limits.max_websockets),
+            rate,
+            gate: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            paused_until: Mutex::new(None),
+            shared,
+            shared_freed: tokio::sync::Notify::new(),
+            metrics: ClassMetrics::new(&limits.name, metrics),
+            limits,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.limits.name
+    }
+
+    /// Wait (FIFO) for admission. Dropping the future (client gone) leaves the queue.
+    pub async fn admit(self: &Arc<Self>, kind: Kind) -> Result<Permit, Shed> {
+        let started = Instant::now();
+        let deadline = started + self.limits.queue_timeout;
+        let mut queued: Option<Queued<'_>> = None;
+
+        if self.rate.is_some() || self.paused_for().is_some() {
+            let _gate = match self.gate.try_lock() {
+                Ok(gate) => gate,
+                Err(_) => {
+                    self.enter_queue(&mut queued)?;
+                    self.by(deadline, self.gate.lock()).await?
+                }
+            };
+            self.pace(deadline, &mut queued).await?;
+        }
+
+        let limit = match kind {
+            Kind::Request => self.limits.max_concurrent,
+            Kind::WebSocket => self.limits.max_websockets,
+        };
+        let mut slot = Slot::Unlimited;
+        if limit > 0 {
+            if let Some(store) = self.shared.as_ref().filter(|s| s.is_up()) {
+                if let Some(lease) = self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
+                    slot = Slot::Shared(lease);
+                }
+            }
+            if matches!(slot, Slot::Unlimited) {
+                slot = Slot::Local(self.local_slot(kind, deadline, &mut queued).await?);
+            }
+        }
+        drop(queued);
+        self.metrics.admitted.inc();
+        self.metrics.wait.observe(started.elapsed().as_secs_f64());
+        match kind {
+            Kind::Request => self.metrics.in_flight.inc(),
+            Kind::WebSocket => self.metrics.websockets.inc(),
+        };
+        Ok(Permit {
+            class: self.clone(),
+            kind,
+            _slot: slot,
+        })
+    }
+
+    async fn local_slot<'a>(
+        &'a self,
+        kind: Kind,
+        deadline: Instant,
+        queued: &mut Option<Queued<'a>>,
+    ) -> Result<OwnedSemaphorePermit, Shed> {
+        let semaphore = match kind {
+            Kind::Request => &self.requests,
+            Kind::WebSocket => &self.websockets,
+        };
+        let Some(semaphore) = semaphore else {
+            // Only reached with a limit configured, which always has a semaphore.
+            return Err(self.shed(ShedReason::QueueFull, DEFAULT_UPSTREAM_PAUSE));
+        };
+        // tokio's semaphore hands a released permit to the oldest waiter, so try_acquire never
+        // jumps the queue: FIFO holds.
+        match semaphore.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                self.enter_queue(queued)?;
+                self.by(deadline, semaphore.clone().acquire_owned())
+                    .await?
+                    .map_err(|_| self.shed(ShedReason::QueueFull, DEFAULT_UPSTREAM_PAUSE))
+            }
+        }
+    }
+
+    /// A slot from Redis. `Ok(None)` means Redis failed: the caller falls back to a local slot.
+    /// Only the head of this replica's queue polls Redis (behind the gate), with a short
+    /// backoff, and a local release wakes it at once; see `redis.rs` for why polling.
+    async fn shared_slot<'a>(
+        &'a self,
+        store: &Arc<SharedStore>,
+        kind: Kind,
+        limit: usize,
+        deadline: Instant,
+        queued: &mut Option<Queued<'a>>,
+    ) -> Result<Option<SharedLease>, Shed> {
+        let kind_key = match kind {
+            Kind::Request => "requests",
+            Kind::WebSocket => "websockets",
+        };
+        let _gate = match self.gate.try_lock() {
+            Ok(gate) => gate,
+            Err(_) => {
+                self.enter_queue(queued)?;
+                self.by(deadline, self.gate.lock()).await?
+            }
+        };
+        let mut backoff = redis::POLL_MIN;
+        loop {
+            match store.try_acquire(self.name(), kind_key, limit).await {
+                Ok(Some(lease)) => return Ok(Some(lease)),
+                Ok(None) => {}
+                Err(()) => return Ok(None),
+            }
+            self.enter_queue(queued)?;
+            let wake = async {
+                tokio::select! {
+                    _ = self.shared_freed.notified() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            };
+            self.by(deadline, wake).await?;
+            backoff = (backoff * 2).min(redis::POLL_MAX);
+        }
+    }
+
+    /// Pause (an upstream 429/503), then the GCRA rate; shared in Redis when it is up.
+    async fn pace<'a>(&'a self, deadline: Instant, queued: &mut Option<Queued<'a>>) -> Result<(), Shed> {
+        loop {
+            if let Some(wait) = self.paused_for() {
+                self.enter_queue(queued)?;
+                self.sleep_within(wait, deadline).await?;
+                continue;
+            }
+            if self.limits.rate == 0 {
+                return Ok(());
+            }
+            let wait = match self.shared.as_ref().filter(|s| s.is_up()) {
+                Some(store) => match store
+                    .rate_wait(self.name(), self.limits.rate, self.limits.per, self.limits.burst)
+                    .await
+                {
+                    Ok(wait) => wait,
+                    Err(()) => self.local_rate_wait(),
+                },
+                None => self.local_rate_wait(),
+            };
+            if wait.is_zero() {
+                return Ok(());
+            }
+            self.enter_queue(queued)?;
+            self.sleep_within(wait, deadline).await?;
+        }
+    }
+
+    fn local_rate_wait(&self) -> Duration {
+        match &self.rate {
+            Some(rate) => match rate.check() {
+                Ok(()) => Duration::ZERO,
+                Err(not_until) => not_until.wait_time_from(DefaultClock::default().now()),
+            },
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Sleep `wait`, unless that would pass the deadline: then shed now, since waiting could
+    /// not end in admission anyway.
+    async fn sleep_within(&self, wait: Duration, deadline: Instant) -> Result<(), Shed> {
+        if Instant::now() + wait > deadline {
+            return Err(self.shed(ShedReason::QueueTimeout, wait));
+        }
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    async fn by<F: std::future::Future>(&self, deadline: Instant, future: F) -> Result<F::Output, Shed> {
+        tokio::time::timeout_at(deadline, future)
+            .await
+            .map_err(|_| self.shed(ShedReason::QueueTimeout, self.suggested_wait()))
+    }
+
+    fn enter_queue<'a>(&'a self, queued: &mut Option<Queued<'a>>) -> Result<(), Shed> {
+        if queued.is_some() {
+            return Ok(());
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.limits.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.shed(ShedReason::QueueFull, self.suggested_wait()));
+        }
+        self.metrics.queue_depth.inc();
+        *queued = Some(Queued { class: self });
+        Ok(())
+    }
+
+    fn shed(&self, reason: ShedReason, retry_after: Duration) -> Shed {
+        match reason {
+            ShedReason::QueueFull => self.metrics.shed_full.inc(),
+            ShedReason::QueueTimeout => self.metrics.shed_timeout.inc(),
+        };
+        Shed {
+            class: self.limits.name.clone(),
+            reason,
+            retry_after,
+        }
+    }
+
+    /// What to tell a shed client: the rest of a pause, else a second.
+    fn suggested_wait(&self) -> Duration {
+        self.paused_for().unwrap_or(DEFAULT_UPSTREAM_PAUSE)
+    }
+
+    fn paused_for(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().ok()?)?;
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+
+    /// The upstream said 429/503: hold new admissions of this class for `wait`.
+    pub fn pause(&self, status: u16, wait: Duration) {
+        if status == 503 {
+            self.metrics.throttled_503.inc();
+        } else {
+            self.metrics.throttled_429.inc();
+        }
+        if let Ok(mut until) = self.paused_until.lock() {
+            let candidate = Instant::now() + wait;
+            if until.is_none_or(|u| u < candidate) {
+                *until = Some(candidate);
+            }
+        }
+    }
+
+    /// How long to wait before resend `attempt` (1-based): the rest of the class's pause, or
+    /// an exponential backoff with full jitter, whichever is longer.
+    pub fn resend_delay(&self, attempt: u32) -> Duration {
+        self.metrics.retries.inc();
+        let ceiling = RETRY_BACKOFF_BASE
+            .saturating_mul(1 << attempt.min(16))
+            .min(RETRY_BACKOFF_CAP);
+        let jittered = ceiling.mul_f64(rand::random::<f64>());
+        jittered.max(self.paused_for().unwrap_or_default())
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+/// A place in a class's queue, given back on drop (admission, shedding or a vanished client).
+struct Queued<'a> {
+    class: &'a Class,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.class.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.class.metrics.queue_depth.dec();
+    }
+}
+
+enum Slot {
+    Unlimited,
+    Local(#[allow(dead_code)] OwnedSemaphorePermit),
+    Shared(#[allow(dead_code)] SharedLease),
+}
+
+/// Admission to a class, held for the life of the response body or WebSocket tunnel.
+pub struct Permit {
+    class: Arc<Class>,
+    kind: Kind,
+    _slot: Slot,
+}
+
+impl Permit {
+    pub fn class(&self) -> &Arc<Class> {
+        &self.class
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("class", &self.class.limits.name)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        match self.kind {
+            Kind::Request => self.class.metrics.in_flight.dec(),
+            Kind::WebSocket => self.class.metrics.websockets.dec(),
+        };
+        if matches!(self._slot, Slot::Shared(_)) {
+            self.class.shared_freed.notify_one();
+        }
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date; `None` when absent or unparsable.
+pub fn parse_retry_after(value: Option<&http::HeaderValue>) -> Option<Duration> {
+    let text = value?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
