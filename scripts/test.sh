@@ -9,6 +9,7 @@ root=$(pwd)
 
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+[ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -504,3 +504,85 @@ pub fn parse_retry_after(value: Option<&http::HeaderValue>) -> Option<Duration> 
     let at = httpdate::parse_http_date(text).ok()?;
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(toml: &str) -> Limiter {
+        let config = crate::config::load_text(None, toml, &[]).expect("config");
+        Limiter::new(&config.limits, &Metrics::new(), None)
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let header = |v: &str| http::HeaderValue::from_str(v).unwrap();
+        assert_eq!(parse_retry_after(Some(&header("3"))), Some(Duration::from_secs(3)));
+        let in_a_minute = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+        let wait = parse_retry_after(Some(&header(&in_a_minute))).unwrap();
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert_eq!(
+            parse_retry_after(Some(&header("Wed, 21 Oct 2015 07:28:00 GMT"))),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(Some(&header("soon"))), None);
+        assert_eq!(parse_retry_after(None), None);
+    }
+
+    #[test]
+    fn the_longest_prefix_picks_the_class() {
+        let limiter = limiter(
+            "[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/lightning\"]\n[[limits.class]]\nname = \"large\"\npaths = [\"/waves/v1/lightning-large\"]\n",
+        );
+        assert_eq!(limiter.class_for("/waves/v1/lightning-v2/get_speech").name(), "tts");
+        assert_eq!(
+            limiter.class_for("/waves/v1/lightning-large/get_speech").name(),
+            "large"
+        );
+        assert_eq!(limiter.class_for("/api/v1/voices").name(), "default");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_delays_admission_and_resends() {
+        let limiter = limiter("[limits]\nqueue_timeout = \"10s\"\n");
+        let class = limiter.class_for("/x").clone();
+        class.pause(429, Duration::from_secs(2));
+        assert!(
+            class.resend_delay(1) >= Duration::from_millis(1999),
+            "a resend waits out the pause"
+        );
+        let started = Instant::now();
+        let _permit = class.admit(Kind::Request).await.expect("admitted after the pause");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_queue_timeout_sheds_at_once() {
+        let limiter = limiter("[limits]\nqueue_timeout = \"1s\"\n");
+        let class = limiter.class_for("/x").clone();
+        class.pause(503, Duration::from_secs(5));
+        let started = Instant::now();
+        let shed = class.admit(Kind::Request).await.expect_err("shed");
+        assert_eq!(shed.reason, ShedReason::QueueTimeout);
+        assert!(shed.retry_after >= Duration::from_secs(4));
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no point waiting for what cannot be admitted"
+        );
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_the_cap() {
+        let limiter = limiter("");
+        let class = limiter.class_for("/x");
+        for attempt in 1..20 {
+            let delay = class.resend_delay(attempt);
+            assert!(delay <= RETRY_BACKOFF_CAP);
+            assert!(delay <= RETRY_BACKOFF_BASE * 2u32.pow(attempt.min(16)));
+        }
+    }
+}

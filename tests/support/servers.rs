@@ -208,3 +208,53 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// `redis-server` (Debian's package) on a free port, no persistence.
+pub struct Redis {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!("`redis-server` is not installed: run ./scripts/test.sh, which installs Debian's redis-server")
+            });
+        let mut command = Command::new(binary);
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        let child = spawn_until_line(command, "Ready to accept connections", "redis-server");
+        Redis { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
