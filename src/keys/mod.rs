@@ -242,12 +242,21 @@ impl KeyStore {
     /// Fetch from the source now and swap the key in if it is valid. Concurrent callers share
     /// one fetch: whoever waited on the lock while another fetched returns that result.
     pub async fn refresh(&self) -> Result<Arc<ApiKey>, KeyError> {
+        self.fetch_coalesced(None).await
+    }
+
+    /// The one fetch path. Without `rejected`, a caller that waited while another fetch ran
+    /// takes that fetch's result. With `rejected` (an upstream 401), that is not enough: the
+    /// fetch it waited on may have started before the rotation and read the old value. So it
+    /// takes the current key only if it differs from the rejected one, and fetches otherwise.
+    async fn fetch_coalesced(&self, rejected: Option<&ApiKey>) -> Result<Arc<ApiKey>, KeyError> {
         let seen = self.generation.load(Ordering::Acquire);
         let _fetching = self.fetch_lock.lock().await;
-        if self.generation.load(Ordering::Acquire) != seen {
-            if let Some(key) = self.current.load_full() {
-                return Ok(key);
-            }
+        let current = self.current.load_full();
+        match (rejected, current) {
+            (Some(rejected), Some(key)) if !key.same_value(rejected) => return Ok(key),
+            (None, Some(key)) if self.generation.load(Ordering::Acquire) != seen => return Ok(key),
+            _ => {}
         }
         let result = self
             .source
@@ -329,7 +338,7 @@ impl KeyStore {
         if !self.source.rotates() {
             return None;
         }
-        let fresh = self.refresh().await.ok()?;
+        let fresh = self.fetch_coalesced(Some(rejected)).await.ok()?;
         (!fresh.same_value(rejected)).then_some(fresh)
     }
 }
@@ -472,6 +481,65 @@ mod tests {
         // The source still says k2: a 401 with k2 is genuine, no replacement.
         let k2 = store.current().unwrap();
         assert!(store.replacement_for(&k2).await.is_none());
+    }
+
+    /// A source whose first fetch is slow and reads the value before the test changes it.
+    struct SlowStale {
+        value: Mutex<String>,
+        gate: tokio::sync::Semaphore,
+        fetches: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl KeySource for SlowStale {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        async fn fetch(&self) -> Result<SecretString, KeyError> {
+            let n = self.fetches.fetch_add(1, Ordering::SeqCst);
+            let read = self.value.lock().unwrap().clone();
+            if n == 1 {
+                // The second fetch (the stale one) read before the rotation, then stalls.
+                let _ = self.gate.acquire().await;
+            }
+            Ok(SecretString::from(read))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_401_never_settles_for_a_fetch_that_started_before_the_rotation() {
+        let source = Arc::new(SlowStale {
+            value: Mutex::new("k1".into()),
+            gate: tokio::sync::Semaphore::new(0),
+            fetches: AtomicU64::new(0),
+        });
+        let store = Arc::new(KeyStore::new(
+            source.clone(),
+            AuthScheme::Bearer,
+            Duration::from_secs(60),
+        ));
+        let k1 = store.refresh().await.unwrap();
+        // A refresh (say, a file event) starts and reads "k1"...
+        let stale = tokio::spawn({
+            let store = store.clone();
+            async move { store.refresh().await }
+        });
+        while source.fetches.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        // ...then the key rotates and the upstream rejects k1 while that fetch is still running.
+        *source.value.lock().unwrap() = "k2".into();
+        let replacement = tokio::spawn({
+            let (store, k1) = (store.clone(), k1.clone());
+            async move { store.replacement_for(&k1).await }
+        });
+        source.gate.add_permits(1);
+        stale.await.unwrap().unwrap();
+        let replacement = replacement
+            .await
+            .unwrap()
+            .expect("the rotated key, not the stale fetch's k1");
+        assert_eq!(replacement.authorization(), "Bearer k2");
     }
 
     #[tokio::test]
