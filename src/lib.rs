@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod systemd;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -133,10 +134,25 @@ pub async fn run_with_reload(
         key_fingerprint = status.fingerprint.as_deref().unwrap_or("none yet"),
         "smallest-proxy serving"
     );
+    // Listening, and the first key fetch has been attempted: tell systemd (Type=notify).
+    let key_state = match &status.fingerprint {
+        Some(fingerprint) => format!("key from {} loaded ({fingerprint})", status.source),
+        None => format!(
+            "key from {} unavailable: {}",
+            status.source,
+            status.last_error.as_deref().unwrap_or("not fetched yet")
+        ),
+    };
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving on {}; {key_state}",
+        listeners.describe()
+    ));
+    systemd::spawn_watchdog();
 
     let cancel = token.clone();
     tokio::spawn(async move {
         shutdown.await;
+        systemd::notify("STOPPING=1\nSTATUS=draining");
         cancel.cancel();
     });
     server::serve(app, listeners, token.clone(), &config.listen).await;

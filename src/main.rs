@@ -86,12 +86,18 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
+    // Before the runtime starts threads: this also clears the LISTEN_* variables.
+    let inherited = smallest_proxy::systemd::inherited_sockets().context("taking the sockets systemd passed")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listeners = Listeners::bind(&config.listen).await?;
+        // Sockets from systemd (a .socket unit) take the place of [listen].
+        let listeners = match inherited {
+            Some(sockets) => sockets.into_listeners()?,
+            None => Listeners::bind(&config.listen).await?,
+        };
         smallest_proxy::run_with_reload(config, listeners, shutdown_signal(), Some(reload_signal()?)).await?;
         Ok(())
     })

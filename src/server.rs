@@ -31,7 +31,9 @@ use crate::App;
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub tcp: Vec<TcpListener>,
-    pub unix: Vec<(UnixListener, PathBuf)>,
+    /// With the path we created (and remove at exit); `None` for a socket inherited from
+    /// systemd, whose file is not ours to remove.
+    pub unix: Vec<(UnixListener, Option<PathBuf>)>,
 }
 
 impl Listeners {
@@ -46,7 +48,7 @@ impl Listeners {
         }
         if let Some(path) = &config.unix_socket {
             let listener = bind_unix(path, config.unix_mode_bits())?;
-            listeners.unix.push((listener, path.clone()));
+            listeners.unix.push((listener, Some(path.clone())));
         }
         Ok(listeners)
     }
@@ -57,7 +59,18 @@ impl Listeners {
 
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.tcp_addresses().iter().map(|a| format!("http://{a}")).collect();
-        parts.extend(self.unix.iter().map(|(_, p)| format!("unix:{}", p.display())));
+        parts.extend(self.unix.iter().map(|(listener, path)| {
+            match path {
+                Some(path) => format!("unix:{}", path.display()),
+                None => format!(
+                    "unix:{:?} (inherited)",
+                    listener
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+                ),
+            }
+        }));
         parts.join(", ")
     }
 }
@@ -122,7 +135,9 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
                 listener.accept().await.map(|(s, _)| s)
             })
             .await;
-            let _ = std::fs::remove_file(&path);
+            if let Some(path) = path {
+                let _ = std::fs::remove_file(&path);
+            }
         }));
     }
     for accept in accept_loops {
