@@ -10,6 +10,8 @@ root=$(pwd)
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 [ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
+command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
+command -v musl-gcc >/dev/null 2>&1 || need_apt+=(musl-tools)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -32,6 +34,13 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+
+# The container image's static binary (contrib/docker/Dockerfile), built the same way so the
+# tests can run it; there is no Docker engine on these machines.
+echo "==> static musl build"
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
+cargo build --release --quiet --target x86_64-unknown-linux-musl
+export TEST_STATIC_PROXY_BINARY="$root/target/x86_64-unknown-linux-musl/release/smallest-proxy"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

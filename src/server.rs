@@ -59,17 +59,15 @@ impl Listeners {
 
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.tcp_addresses().iter().map(|a| format!("http://{a}")).collect();
-        parts.extend(self.unix.iter().map(|(listener, path)| {
-            match path {
-                Some(path) => format!("unix:{}", path.display()),
-                None => format!(
+        parts.extend(self.unix.iter().map(|(listener, path)| match path {
+            Some(path) => format!("unix:{}", path.display()),
+            None => format!(
                     "unix:{:?} (inherited)",
                     listener
                         .local_addr()
                         .ok()
                         .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
                 ),
-            }
         }));
         parts.join(", ")
     }
