@@ -104,15 +104,17 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
     let settings = ConnSettings {
         header_read_timeout: config.header_read_timeout,
     };
+    // Every accept loop shares the app, the connection tracker, the slot limit and shutdown.
+    let new_ctx = || AcceptCtx {
+        app: app.clone(),
+        connections: connections.clone(),
+        slots: slots.clone(),
+        shutdown: shutdown.clone(),
+        settings,
+    };
     let mut accept_loops = Vec::new();
     for listener in listeners.tcp {
-        let ctx = AcceptCtx {
-            app: app.clone(),
-            connections: connections.clone(),
-            slots: slots.clone(),
-            shutdown: shutdown.clone(),
-            settings,
-        };
+        let ctx = new_ctx();
         accept_loops.push(tokio::spawn(async move {
             accept_loop(ctx, Transport::Tcp, || async {
                 listener.accept().await.map(|(s, _)| s)
@@ -121,13 +123,7 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         }));
     }
     for (listener, path) in listeners.unix {
-        let ctx = AcceptCtx {
-            app: app.clone(),
-            connections: connections.clone(),
-            slots: slots.clone(),
-            shutdown: shutdown.clone(),
-            settings,
-        };
+        let ctx = new_ctx();
         accept_loops.push(tokio::spawn(async move {
             accept_loop(ctx, Transport::Unix, || async {
                 listener.accept().await.map(|(s, _)| s)
