@@ -138,3 +138,39 @@ fn contrib_unit_files_pass_systemd_analyze_verify() {
         "systemd-analyze verify:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_sse_stream_finish_refuses_new_connections_and_exits_0() {
+    use http_body_util::BodyExt;
+    let upstream = TestUpstream::start().await;
+    let (_dir, key) = key_dir();
+    let mut proxy = ProxyProcess::spawn(
+        &proxy_config_text(&upstream.url(), &upstream.pki.ca_file, &key, ""),
+        &[],
+    );
+    let response = support::client().get(proxy.url("/sse").parse().unwrap()).await.unwrap();
+    let mut stream = response.into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"event: audio\ndata: first\n\n");
+
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_for_log("shutdown requested", 1, Duration::from_secs(10));
+    // Listeners close at once: a new connection is refused (bounded wait for the accept loop
+    // to drop its socket).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(proxy.addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting connections after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The stream already open runs to its end.
+    upstream.state.sse_release.notify_one();
+    let rest = stream.collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &rest[..],
+        b"event: audio\ndata: event-2\n\nevent: audio\ndata: event-3\n\n"
+    );
+    assert_eq!(proxy.child.wait().unwrap().code(), Some(0));
+}
