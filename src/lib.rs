@@ -121,7 +121,7 @@ pub async fn run_with_reload(
     };
     let limiter = Arc::new(limits::Limiter::new(&config.limits, &metrics, shared));
     let app = Arc::new(App {
-        proxy: Proxy::new(upstream, keys.clone(), guard, limiter),
+        proxy: Proxy::new(upstream, keys.clone(), guard, limiter.clone()),
         keys: keys.clone(),
         metrics,
     });
@@ -132,6 +132,7 @@ pub async fn run_with_reload(
         upstream = %config.upstream.url,
         key_source = status.source,
         key_fingerprint = status.fingerprint.as_deref().unwrap_or("none yet"),
+        limits = %limiter.describe(),
         "smallest-proxy serving"
     );
     // Listening, and the first key fetch has been attempted: tell systemd (Type=notify).

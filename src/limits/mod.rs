@@ -112,6 +112,44 @@ impl Limiter {
     pub fn classes(&self) -> &[Arc<Class>] {
         &self.classes
     }
+
+    /// One line for the startup banner: each class and the limits it actually has.
+    pub fn describe(&self) -> String {
+        let shared = self.default.shared.is_some();
+        let classes: Vec<String> = self
+            .classes
+            .iter()
+            .map(|class| {
+                let l = &class.limits;
+                let mut parts = Vec::new();
+                if l.max_concurrent > 0 {
+                    parts.push(format!("{} concurrent", l.max_concurrent));
+                }
+                if l.rate > 0 {
+                    parts.push(format!(
+                        "{}/{} burst {}",
+                        l.rate,
+                        humantime::format_duration(l.per),
+                        l.burst
+                    ));
+                }
+                if l.max_websockets > 0 {
+                    parts.push(format!("{} websockets", l.max_websockets));
+                }
+                let limits = if parts.is_empty() {
+                    "unlimited".to_string()
+                } else {
+                    parts.join(", ")
+                };
+                format!("{}: {limits}", l.name)
+            })
+            .collect();
+        format!(
+            "{}{}",
+            classes.join("; "),
+            if shared { " (shared in Redis)" } else { "" }
+        )
+    }
 }
 
 /// Counters and gauges of one class, cloned from their families once.
@@ -530,6 +568,15 @@ mod tests {
         );
         assert_eq!(parse_retry_after(Some(&header("soon"))), None);
         assert_eq!(parse_retry_after(None), None);
+    }
+
+    #[test]
+    fn the_banner_line_lists_each_class() {
+        let limiter = limiter("[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/lightning\"]\nmax_concurrent = 1\nmax_websockets = 5\n");
+        assert_eq!(
+            limiter.describe(),
+            "default: unlimited; tts: 1 concurrent, 5 websockets"
+        );
     }
 
     #[test]
