@@ -40,7 +40,7 @@ export PATH="$venv/bin:$PATH"
 echo "==> static musl build"
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 cargo build --release --quiet --target x86_64-unknown-linux-musl
-export TEST_STATIC_PROXY_BINARY="$root/target/x86_64-unknown-linux-musl/release/smallest-proxy"
+export TEST_STATIC_PROXY_BINARY="${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/release/smallest-proxy"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
