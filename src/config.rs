@@ -44,6 +44,25 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// SIGTERM waits this long for in-flight requests and streams.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A keep-alive client connection with no request in progress and no bytes moving is closed
+/// after this. hyper's header read timeout alone would close it after `header_read_timeout`,
+/// because hyper starts that timer the moment a connection goes idle.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Request headers (names, values and separators, the request line not counted) beyond this
+/// total get 431 HEADERS_TOO_LARGE (Envoy's and nginx's order of magnitude).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// More request header fields than this get 431 HEADERS_TOO_LARGE.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// A request target longer than this gets 414 URI_TOO_LONG.
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+/// hyper's own parser limits are this many times the configured ones: requests between the two
+/// get the proxy's JSON answer, only grossly oversized heads hit hyper's bare 431 and close.
+pub const PARSER_BOUND_FACTOR: usize = 2;
+/// An upstream response body (SSE, streamed audio) or WebSocket tunnel with no bytes moving for
+/// this long is cut. Streams have no total deadline; a live TTS session or an LLM stream can be
+/// silent for seconds between utterances, so this is generous, but a dead upstream connection
+/// must not hold a concurrency slot forever.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The whole configuration. Field names are the public TOML contract (DESIGN.md).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -54,6 +73,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub key: KeyConfig,
     pub limits: LimitsConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
 }
 
@@ -75,6 +95,21 @@ pub struct ListenConfig {
     pub max_connections: usize,
     #[serde(with = "duration_str")]
     pub drain_timeout: Duration,
+    /// Unix socket callers (by SO_PEERCRED uid) allowed to use the proxy; empty = anyone who
+    /// can open the socket. Does not apply to TCP, so it cannot be combined with `address`.
+    pub allowed_uids: Vec<u32>,
+    /// A file holding a token clients must send in `X-Proxy-Token` (never the token itself in
+    /// the config: the config is printed by `check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// Request bodies beyond this many bytes get 413; unset = no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_size: Option<u64>,
 }
 
 impl Default for ListenConfig {
@@ -88,6 +123,13 @@ impl Default for ListenConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            allowed_uids: Vec::new(),
+            token_file: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+            max_body_size: None,
         }
     }
 }
@@ -122,6 +164,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     #[serde(with = "duration_str")]
     pub pool_idle_timeout: Duration,
+    /// A streamed response body or WebSocket tunnel idle this long is cut (no total deadline).
+    #[serde(with = "duration_str")]
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -132,6 +177,7 @@ impl Default for UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
 }
@@ -466,6 +512,35 @@ fn default_redis_timeout() -> Duration {
     DEFAULT_REDIS_TIMEOUT
 }
 
+/// `[policy]`: which methods and paths may be forwarded at all (DESIGN.md: "path outside
+/// allow-list → 403"). Rules are `"METHOD /path"` or `"/path"` (any method); in paths `*`
+/// matches within one segment and `**` across segments. The matcher is `proxy::policy`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `"none"` (default: forward every path) or `"smallest"` (only the Smallest API surface:
+    /// speech, transcription, voices, voice-clone creation, LLM chat).
+    pub preset: PolicyPreset,
+    /// Rules allowed on top of the preset. With `preset = "none"`, a non-empty list makes it
+    /// an allow-list.
+    pub allow: Vec<String>,
+    /// Rules refused whatever else says; checked first.
+    pub deny: Vec<String>,
+    /// `preset = "smallest"`: also allow deleting cloned voices.
+    pub allow_voice_clone_delete: bool,
+    /// `preset = "smallest"`: also allow creating, changing and deleting pronunciation
+    /// dictionaries.
+    pub allow_pronunciation_edits: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyPreset {
+    #[default]
+    None,
+    Smallest,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -613,6 +688,45 @@ impl Config {
         }
         if self.listen.max_connections == 0 {
             return err("listen.max_connections", "must be at least 1".into());
+        }
+        if !self.listen.allowed_uids.is_empty() && self.listen.tcp_address().is_some() {
+            return err(
+                "listen.allowed_uids",
+                "restricts Unix socket callers only, but a TCP listener is open too and would let any local user in; set unix_socket without address".into(),
+            );
+        }
+        if let Some(token_file) = &self.listen.token_file {
+            if let Err(message) = crate::proxy::caller::read_token_file(token_file) {
+                return err("listen.token_file", message);
+            }
+        }
+        for (key, value, minimum) in [
+            ("listen.max_header_bytes", self.listen.max_header_bytes, 1024),
+            ("listen.max_headers", self.listen.max_headers, 8),
+            ("listen.max_uri_bytes", self.listen.max_uri_bytes, 256),
+        ] {
+            if value < minimum {
+                return err(key, format!("must be at least {minimum}"));
+            }
+        }
+        if self.listen.max_body_size == Some(0) {
+            return err(
+                "listen.max_body_size",
+                "must be at least 1 (leave it unset for no cap)".into(),
+            );
+        }
+        if self.listen.idle_timeout < Duration::from_millis(100) {
+            return err("listen.idle_timeout", "must be at least 100ms".into());
+        }
+        if self.upstream.stream_idle_timeout < Duration::from_millis(100) {
+            return err("upstream.stream_idle_timeout", "must be at least 100ms".into());
+        }
+        for (list, rules) in [("allow", &self.policy.allow), ("deny", &self.policy.deny)] {
+            for (i, rule) in rules.iter().enumerate() {
+                if let Err(message) = crate::proxy::policy::Rule::parse(rule) {
+                    return err(&format!("policy.{list}[{i}]"), message);
+                }
+            }
         }
         let url = self
             .upstream
@@ -796,6 +910,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "key.vault",
     "key.vault.auth",
     "key.aws",
+    "policy",
     "log",
 ];
 

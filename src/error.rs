@@ -33,6 +33,18 @@ pub enum ProxyError {
     UpstreamTimeout(String),
     /// A client-side limit shed the request; `retry_after` is the suggested wait.
     RateLimited { message: String, retry_after: Duration },
+    /// A Unix socket caller whose uid is not in `listen.allowed_uids`.
+    ForbiddenCaller(String),
+    /// `listen.token_file` is set and the request's `X-Proxy-Token` is missing or wrong.
+    ProxyTokenRequired(String),
+    /// The method and path are outside `[policy]`.
+    ForbiddenPath(String),
+    /// Too many request headers, or too many bytes of them.
+    HeadersTooLarge(String),
+    /// The request target is longer than `listen.max_uri_bytes`.
+    UriTooLong(String),
+    /// The body is (or grew) larger than `listen.max_body_size`.
+    PayloadTooLarge(String),
 }
 
 impl ProxyError {
@@ -48,6 +60,12 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => (StatusCode::BAD_GATEWAY, "UPSTREAM_TLS"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT"),
             ProxyError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED"),
+            ProxyError::ForbiddenCaller(_) => (StatusCode::FORBIDDEN, "FORBIDDEN_CALLER"),
+            ProxyError::ProxyTokenRequired(_) => (StatusCode::UNAUTHORIZED, "PROXY_TOKEN_REQUIRED"),
+            ProxyError::ForbiddenPath(_) => (StatusCode::FORBIDDEN, "FORBIDDEN_PATH"),
+            ProxyError::HeadersTooLarge(_) => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "HEADERS_TOO_LARGE"),
+            ProxyError::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "URI_TOO_LONG"),
+            ProxyError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
         }
     }
 
@@ -59,7 +77,13 @@ impl ProxyError {
             | ProxyError::ForbiddenOrigin(m)
             | ProxyError::UpstreamUnavailable(m)
             | ProxyError::UpstreamTls(m)
-            | ProxyError::UpstreamTimeout(m) => m.clone(),
+            | ProxyError::UpstreamTimeout(m)
+            | ProxyError::ForbiddenCaller(m)
+            | ProxyError::ProxyTokenRequired(m)
+            | ProxyError::ForbiddenPath(m)
+            | ProxyError::HeadersTooLarge(m)
+            | ProxyError::UriTooLong(m)
+            | ProxyError::PayloadTooLarge(m) => m.clone(),
             ProxyError::RateLimited { message, .. } => message.clone(),
             ProxyError::KeyUnavailable => {
                 "no API key is available yet: the key source has not answered (see /ready)".into()
@@ -81,7 +105,8 @@ impl ProxyError {
         body
     }
 
-    /// The whole response. `Connection: close` is added for framing errors by the caller.
+    /// The whole response. `Connection: close` is added for framing errors by the caller, and
+    /// here for 413: the body was not read, so the connection cannot carry another request.
     pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
         let (status, _) = self.status_and_code();
         let body = self.to_json(request_id).to_string();
@@ -94,6 +119,9 @@ impl ProxyError {
         }
         if let ProxyError::RateLimited { retry_after, .. } = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        }
+        if let ProxyError::PayloadTooLarge(_) = &self {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -120,6 +148,12 @@ mod tests {
             (ProxyError::UpstreamUnavailable("x".into()), 502, "UPSTREAM_UNAVAILABLE"),
             (ProxyError::UpstreamTls("x".into()), 502, "UPSTREAM_TLS"),
             (ProxyError::UpstreamTimeout("x".into()), 504, "UPSTREAM_TIMEOUT"),
+            (ProxyError::ForbiddenCaller("x".into()), 403, "FORBIDDEN_CALLER"),
+            (ProxyError::ProxyTokenRequired("x".into()), 401, "PROXY_TOKEN_REQUIRED"),
+            (ProxyError::ForbiddenPath("x".into()), 403, "FORBIDDEN_PATH"),
+            (ProxyError::HeadersTooLarge("x".into()), 431, "HEADERS_TOO_LARGE"),
+            (ProxyError::UriTooLong("x".into()), 414, "URI_TOO_LONG"),
+            (ProxyError::PayloadTooLarge("x".into()), 413, "PAYLOAD_TOO_LARGE"),
         ];
         for (err, status, code) in cases {
             let (s, c) = err.status_and_code();

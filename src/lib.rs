@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod systemd;
+pub mod timeouts;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -48,6 +49,12 @@ pub struct App {
 
 impl App {
     async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+        // Before anything else, admin endpoints included: a refused caller learns nothing.
+        let conn = req.extensions().get::<proxy::caller::ConnInfo>();
+        if let Err(refused) = self.proxy.hardening.callers.check_peer(conn) {
+            tracing::debug!(peer_uid = conn.and_then(|c| c.peer_uid), "caller refused");
+            return refused.into_response(&proxy::request_id(&req));
+        }
         if admin::is_admin_request(&req) {
             return admin::respond(&req, &self.keys, &self.metrics);
         }
@@ -63,6 +70,8 @@ pub enum RunError {
     KeySource(#[from] keys::KeyError),
     #[error("{0}")]
     Limits(String),
+    #[error("{0}")]
+    Hardening(String),
 }
 
 /// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
@@ -108,6 +117,7 @@ pub async fn run_with_reload(
         check_host: !config.listen.allow_remote,
         allowed_origins: config.listen.allowed_origins.clone(),
     };
+    let hardening = proxy::Hardening::from_config(&config).map_err(RunError::Hardening)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let shared = match &config.limits.shared {
         Some(shared) => {
@@ -121,7 +131,7 @@ pub async fn run_with_reload(
     };
     let limiter = Arc::new(limits::Limiter::new(&config.limits, &metrics, shared));
     let app = Arc::new(App {
-        proxy: Proxy::new(upstream, keys.clone(), guard, limiter.clone()),
+        proxy: Proxy::new(upstream, keys.clone(), guard, limiter.clone()).with_hardening(hardening),
         keys: keys.clone(),
         metrics,
     });

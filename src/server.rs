@@ -5,6 +5,10 @@
 //! connections are refused at once), every open connection is told to finish its current
 //! request and close, and the drain waits for connections and WebSocket tunnels, all spawned on
 //! one `TaskTracker`, up to `drain_timeout`.
+//!
+//! Each connection carries a [`ConnInfo`] (transport, and the Unix peer's uid from
+//! SO_PEERCRED) into every request's extensions, and an idle watchdog
+//! ([`crate::timeouts::watch_connection`]) beside hyper's own timers.
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -12,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenConfig;
-use crate::proxy::guard::Transport;
+use crate::proxy::caller::ConnInfo;
+use crate::proxy::request_limits::RequestLimits;
+use crate::timeouts::{watch_connection, Activity, ActivityIo, ConnDeadline, Tracked};
 use crate::App;
 
 /// Bound sockets, ready to serve. Binding is separate from serving so tests (and socket
@@ -73,9 +79,12 @@ impl Listeners {
     }
 }
 
-/// Bind a Unix socket, replacing a stale one left by a crashed run but never one a live process
-/// is serving on, then set its mode.
-fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
+/// Bind a Unix socket so that it never exists at `path` with the wrong permissions: bind it in
+/// a fresh 0700 directory beside `path` (nobody else can connect there), set its mode, then
+/// rename it into place (atomic, and it replaces a stale socket in the same step). A socket a
+/// live process is serving on is never replaced, nor anything that is not a socket.
+pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()));
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -89,12 +98,37 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
                 format!("another process is serving on {}", path.display()),
             ));
         }
-        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} does not name a socket file", path.display()),
+        )
+    })?;
+    let private_dir = parent.join(format!(
+        ".{}.{}-{:08x}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private_dir)
+        .map_err(named)?;
+    let staged = private_dir.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private_dir);
+    bound.map_err(named)
 }
 
 /// Serve until `shutdown` is cancelled, then drain for up to `drain_timeout`.
@@ -103,6 +137,8 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let settings = ConnSettings {
         header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        limits: RequestLimits::from_config(config),
     };
     // Every accept loop shares the app, the connection tracker, the slot limit and shutdown.
     let new_ctx = || AcceptCtx {
@@ -116,8 +152,8 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
     for listener in listeners.tcp {
         let ctx = new_ctx();
         accept_loops.push(tokio::spawn(async move {
-            accept_loop(ctx, Transport::Tcp, || async {
-                listener.accept().await.map(|(s, _)| s)
+            accept_loop(ctx, || async {
+                listener.accept().await.map(|(s, _)| (s, ConnInfo::tcp()))
             })
             .await
         }));
@@ -125,8 +161,16 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
     for (listener, path) in listeners.unix {
         let ctx = new_ctx();
         accept_loops.push(tokio::spawn(async move {
-            accept_loop(ctx, Transport::Unix, || async {
-                listener.accept().await.map(|(s, _)| s)
+            accept_loop(ctx, || async {
+                listener.accept().await.map(|(s, _)| {
+                    let info = ConnInfo::unix(&s);
+                    tracing::debug!(
+                        peer_uid = info.peer_uid,
+                        peer_pid = info.peer_pid,
+                        "unix socket client connected"
+                    );
+                    (s, info)
+                })
             })
             .await;
             if let Some(path) = path {
@@ -157,6 +201,8 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
 #[derive(Clone, Copy)]
 struct ConnSettings {
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+    limits: RequestLimits,
 }
 
 struct AcceptCtx {
@@ -167,11 +213,11 @@ struct AcceptCtx {
     settings: ConnSettings,
 }
 
-async fn accept_loop<S, F, Fut>(ctx: AcceptCtx, transport: Transport, mut accept: F)
+async fn accept_loop<S, F, Fut>(ctx: AcceptCtx, mut accept: F)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = io::Result<S>>,
+    Fut: std::future::Future<Output = io::Result<(S, ConnInfo)>>,
 {
     loop {
         // Take a connection slot before accepting: past max_connections, clients wait in the
@@ -185,12 +231,12 @@ where
             _ = ctx.shutdown.cancelled() => return,
         };
         match stream {
-            Ok(stream) => {
+            Ok((stream, conn)) => {
                 let app = ctx.app.clone();
                 let shutdown = ctx.shutdown.clone();
                 let settings = ctx.settings;
                 ctx.connections.spawn(async move {
-                    serve_connection(stream, app, transport, shutdown, settings).await;
+                    serve_connection(stream, app, conn, shutdown, settings).await;
                     drop(slot);
                 });
             }
@@ -206,25 +252,51 @@ where
 async fn serve_connection<S>(
     stream: S,
     app: Arc<App>,
-    transport: Transport,
+    conn: ConnInfo,
     shutdown: CancellationToken,
     settings: ConnSettings,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let activity = Activity::new();
+    let service_activity = activity.clone();
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.handle(req, transport).await) }
+        // Held from here until hyper has written (or dropped) the response body.
+        let in_flight = service_activity.request_started();
+        req.extensions_mut().insert(conn);
+        async move {
+            let response = app.handle(req, conn.transport).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
     });
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // hyper re-arms this the moment a connection goes idle, so alone it would also be the
+        // keep-alive limit; the watchdog below keeps the two apart, this is the outer bound.
+        .header_read_timeout(settings.header_read_timeout + settings.idle_timeout)
+        .max_headers(settings.limits.parser_max_headers())
+        .max_header_size(settings.limits.parser_max_head_bytes())
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let io = ActivityIo::new(stream, activity.clone());
+    let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(connection);
+    let watchdog = watch_connection(&activity, settings.idle_timeout, settings.header_read_timeout);
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        deadline = watchdog => match deadline {
+            ConnDeadline::Idle => {
+                // No request in progress: this closes at once.
+                tracing::debug!("client connection idle; closing");
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            ConnDeadline::HeaderRead => {
+                tracing::debug!("client did not send its request head in time; closing");
+                return;
+            }
+        },
         _ = shutdown.cancelled() => {
             // Finish the request in progress (an SSE stream runs to its end), then close.
             connection.as_mut().graceful_shutdown();

@@ -4,14 +4,29 @@
 //! common cases (a streamed `Incoming` passed straight through, or a small buffered body) and
 //! each frame is forwarded as soon as it arrives, which is what keeps SSE unbuffered and a
 //! 256 MiB transfer at a few buffers of memory.
+//!
+//! Two variants carry a bound: `Limited` (an upstream response) is cut when the upstream stays
+//! silent past `upstream.stream_idle_timeout`, and `Capped` (a streamed client upload) fails
+//! once it passes `listen.max_body_size`, so the upstream never receives it as complete.
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::limits::Permit;
+use crate::timeouts::IdleTimer;
+
+/// Errors of a body in either direction: hyper's, or the proxy's own bounds.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streamed request body that passed `listen.max_body_size`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than listen.max_body_size ({0} bytes)")]
+pub struct BodyTooLarge(pub u64);
 
 pub enum ProxyBody {
     /// Nothing (or already sent).
@@ -21,8 +36,17 @@ pub enum ProxyBody {
     /// A body streaming from the other side, passed through frame by frame.
     Incoming(Incoming),
     /// An upstream response holding its class's slot: the permit is released the moment the
-    /// body ends or fails (or, if the client goes away, when hyper drops the body).
-    Limited(Incoming, Option<Permit>),
+    /// body ends or fails (or, if the client goes away, when hyper drops the body). The timer
+    /// cuts it when the upstream sends nothing for `stream_idle_timeout`.
+    Limited(Incoming, Option<Permit>, IdleTimer),
+    /// A streamed client body with this many bytes still allowed; past it the body fails and
+    /// the flag tells the request path to answer 413.
+    Capped {
+        body: Incoming,
+        remaining: u64,
+        limit: u64,
+        exceeded: Arc<AtomicBool>,
+    },
 }
 
 impl ProxyBody {
@@ -37,17 +61,46 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Incoming(incoming) => Pin::new(incoming).poll_frame(cx),
-            ProxyBody::Limited(incoming, permit) => {
-                let polled = Pin::new(incoming).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            ProxyBody::Incoming(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Limited(incoming, permit, idle) => match Pin::new(incoming).poll_frame(cx) {
+                Poll::Pending => {
+                    if idle.poll_expired(cx) {
+                        permit.take();
+                        return Poll::Ready(Some(Err(idle.error().into())));
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.reset();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                ended => {
                     permit.take();
+                    ended.map_err(Into::into)
+                }
+            },
+            ProxyBody::Capped {
+                body,
+                remaining,
+                limit,
+                exceeded,
+            } => {
+                let polled = Pin::new(body).poll_frame(cx).map_err(BodyError::from);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    match remaining.checked_sub(len) {
+                        Some(left) => *remaining = left,
+                        None => {
+                            exceeded.store(true, Ordering::SeqCst);
+                            return Poll::Ready(Some(Err(BodyTooLarge(*limit).into())));
+                        }
+                    }
                 }
                 polled
             }
@@ -58,7 +111,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.is_end_stream(),
+            ProxyBody::Incoming(incoming)
+            | ProxyBody::Limited(incoming, ..)
+            | ProxyBody::Capped { body: incoming, .. } => incoming.is_end_stream(),
         }
     }
 
@@ -66,7 +121,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.size_hint(),
+            ProxyBody::Incoming(incoming)
+            | ProxyBody::Limited(incoming, ..)
+            | ProxyBody::Capped { body: incoming, .. } => incoming.size_hint(),
         }
     }
 }

@@ -2,12 +2,17 @@
 //!
 //! [`Proxy::handle`] is the whole per-request behaviour; each step lives in its own file:
 //! `guard` (what is refused), `rewrite` (headers and URI), `forward` (the upstream clients),
-//! `upgrade` (WebSocket tunnels), `body` (the streamed body type). Errors anywhere become one
+//! `upgrade` (WebSocket tunnels), `body` (the streamed body type), and the hardening checks:
+//! `caller` (uid and local token), `request_limits` (sizes), `policy` (method and path rules).
+//! Errors anywhere become one
 //! JSON answer from [`crate::error`]; upstream answers, errors included, pass through as they are.
 
 pub mod body;
+pub mod caller;
 pub mod forward;
 pub mod guard;
+pub mod policy;
+pub mod request_limits;
 pub mod retry;
 pub mod rewrite;
 pub mod upgrade;
@@ -16,11 +21,15 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::keys::KeyStore;
 use crate::limits::{self, Limiter};
+use crate::timeouts::IdleTimer;
 use body::ProxyBody;
 use forward::Upstream;
 use guard::{Guard, Transport};
@@ -34,6 +43,40 @@ pub struct Proxy {
     keys: Arc<KeyStore>,
     guard: Guard,
     limiter: Arc<Limiter>,
+    pub(crate) hardening: Hardening,
+}
+
+/// The issue-6 checks and bounds on the request path, from `[listen]`, `[upstream]` and
+/// `[policy]`.
+#[derive(Debug, Clone)]
+pub struct Hardening {
+    pub callers: caller::CallerControl,
+    pub limits: request_limits::RequestLimits,
+    pub paths: policy::PathPolicy,
+    pub stream_idle_timeout: Duration,
+}
+
+impl Hardening {
+    pub fn from_config(config: &Config) -> Result<Hardening, String> {
+        Ok(Hardening {
+            callers: caller::CallerControl::from_config(&config.listen)
+                .map_err(|e| format!("listen.token_file: {e}"))?,
+            limits: request_limits::RequestLimits::from_config(&config.listen),
+            paths: policy::PathPolicy::from_config(&config.policy),
+            stream_idle_timeout: config.upstream.stream_idle_timeout,
+        })
+    }
+}
+
+impl Default for Hardening {
+    fn default() -> Self {
+        Hardening {
+            callers: caller::CallerControl::default(),
+            limits: request_limits::RequestLimits::from_config(&crate::config::ListenConfig::default()),
+            paths: policy::PathPolicy::default(),
+            stream_idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
+        }
+    }
 }
 
 impl Proxy {
@@ -43,7 +86,13 @@ impl Proxy {
             keys,
             guard,
             limiter,
+            hardening: Hardening::default(),
         }
+    }
+
+    pub fn with_hardening(mut self, hardening: Hardening) -> Proxy {
+        self.hardening = hardening;
+        self
     }
 
     /// Forward one client request; never fails (errors are answered as JSON).
@@ -71,6 +120,9 @@ impl Proxy {
         request_id: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&req, transport)?;
+        self.hardening.limits.check(&req)?;
+        self.hardening.callers.take_token(req.headers_mut())?;
+        self.hardening.paths.check(req.method(), req.uri().path())?;
         // One load: this request (and its tunnel, if any) keeps this key even if it rotates
         // now; only a 401 resend switches it, explicitly.
         let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
@@ -109,12 +161,25 @@ impl Proxy {
             retry_after: shed.retry_after,
         })?;
 
+        // Set by a capped streaming body that passed listen.max_body_size.
+        let body_too_large = Arc::new(AtomicBool::new(false));
         let mut resent_after_401 = false;
         let mut resends_after_throttle = 0;
         let response = loop {
             let (mut attempt_headers, body) = match (&replayable, streaming.take()) {
                 (Some(bytes), _) => (headers.clone(), ProxyBody::full(bytes.clone())),
-                (None, Some(incoming)) => (std::mem::take(&mut headers), ProxyBody::Incoming(incoming)),
+                (None, Some(incoming)) => {
+                    let body = match self.hardening.limits.max_body_size {
+                        Some(limit) => ProxyBody::Capped {
+                            body: incoming,
+                            remaining: limit,
+                            limit,
+                            exceeded: body_too_large.clone(),
+                        },
+                        None => ProxyBody::Incoming(incoming),
+                    };
+                    (std::mem::take(&mut headers), body)
+                }
                 (None, None) => {
                     return Err(ProxyError::UpstreamUnavailable(
                         "the request body was already sent".into(),
@@ -128,7 +193,14 @@ impl Proxy {
             *upstream_request.version_mut() = Version::HTTP_11;
             *upstream_request.headers_mut() = attempt_headers;
 
-            let response = self.upstream.send(upstream_request, websocket).await?;
+            let sent = self.upstream.send(upstream_request, websocket).await;
+            if body_too_large.load(Ordering::SeqCst) {
+                return Err(ProxyError::PayloadTooLarge(format!(
+                    "the request body grew past {} bytes (listen.max_body_size); it was not forwarded whole",
+                    self.hardening.limits.max_body_size.unwrap_or_default()
+                )));
+            }
+            let response = sent?;
             if response.status() == StatusCode::UNAUTHORIZED && replayable.is_some() && !resent_after_401 {
                 // The key may have rotated under us: one coalesced refresh, one resend with
                 // the new key if there is one. Never a loop.
@@ -175,18 +247,23 @@ impl Proxy {
                     response,
                     request_id.to_string(),
                     permit,
+                    self.hardening.stream_idle_timeout,
                 ));
             }
         }
         let (mut parts, body) = response.into_parts();
         rewrite::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, ProxyBody::Limited(body, Some(permit))))
+        let idle = IdleTimer::new(self.hardening.stream_idle_timeout);
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Limited(body, Some(permit), idle),
+        ))
     }
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh random one.
-fn request_id<B>(req: &Request<B>) -> String {
+pub(crate) fn request_id<B>(req: &Request<B>) -> String {
     if let Some(given) = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
         if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
             return given.to_string();

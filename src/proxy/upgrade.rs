@@ -5,17 +5,20 @@
 //!
 //! The tunnel copies bytes, not messages: frames, masking, close codes and negotiated
 //! extensions pass through unchanged in both directions, and the proxy spends no CPU parsing
-//! audio frames it has no business reading.
+//! audio frames it has no business reading. A tunnel with no byte in either direction for
+//! `upstream.stream_idle_timeout` is closed (a dead peer must not hold a WebSocket slot).
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::time::Duration;
 
 use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
 use crate::limits::Permit;
+use crate::timeouts::{until_idle, Activity, ActivityIo};
 
 /// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -43,6 +46,7 @@ pub fn open_tunnel(
     mut upstream_response: Response<Incoming>,
     request_id: String,
     permit: Permit,
+    idle_timeout: Duration,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
@@ -54,11 +58,17 @@ pub fn open_tunnel(
         let (client, upstream) = tokio::join!(client, upstream);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
-                let mut client = TokioIo::new(client);
+                let activity = Activity::new();
+                let mut client = ActivityIo::new(TokioIo::new(client), activity.clone());
                 let mut upstream = TokioIo::new(upstream);
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((sent, received)) => tracing::debug!(request_id, sent, received, "websocket tunnel closed"),
-                    Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                        Ok((sent, received)) => tracing::debug!(request_id, sent, received, "websocket tunnel closed"),
+                        Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
+                    },
+                    _ = until_idle(&activity, idle_timeout) => {
+                        tracing::debug!(request_id, idle = %humantime::format_duration(idle_timeout), "websocket tunnel idle; closed");
+                    }
                 }
             }
             (Err(e), _) | (_, Err(e)) => tracing::debug!(request_id, error = %e, "websocket upgrade did not complete"),

@@ -1,0 +1,331 @@
+//! Idle deadlines the proxy keeps itself, where hyper has none or the wrong one.
+//!
+//! - Client connections. hyper 1.x starts its `header_read_timeout` the moment a connection
+//!   goes idle (proto/h1/conn.rs `State::idle` re-arms it for the next head), so with hyper
+//!   alone a keep-alive connection is closed after the header timeout (10 s), and there is no
+//!   separate idle timeout. [`watch_connection`] keeps both deadlines apart: a connection with
+//!   no request in progress and no bytes arriving is closed after `listen.idle_timeout`; once
+//!   the first byte of a request head arrives, the head must be complete within
+//!   `listen.header_read_timeout` (slowloris). hyper's own timer stays set, at the sum of the
+//!   two, as the outer bound.
+//! - Upstream streams. A response body (SSE, streamed audio) has no total deadline, but
+//!   [`IdleTimer`] cuts it after `upstream.stream_idle_timeout` without a frame; a WebSocket
+//!   tunnel is cut after the same time with no byte in either direction ([`until_idle`]).
+//!
+//! The bookkeeping is one shared [`Activity`] per connection or tunnel: atomics stamped by an
+//! IO wrapper, and a `Notify` that wakes the watchdog only when the state it sleeps on changes
+//! (a request ended, a head started), not on every read.
+
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Sentinel for "no byte read since the connection went idle".
+const NONE: u64 = u64::MAX;
+
+/// When bytes last moved on one connection or tunnel, and (client connections) whether a
+/// request is in progress.
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    /// Milliseconds since `base` of the last read or write.
+    last_io: AtomicU64,
+    /// Milliseconds since `base` at which the connection last went idle (no request).
+    idle_since: AtomicU64,
+    /// Milliseconds since `base` of the first byte read since then, or `NONE`.
+    first_read_since_idle: AtomicU64,
+    in_flight: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            last_io: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            first_read_since_idle: AtomicU64::new(NONE),
+            in_flight: AtomicUsize::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn on_read(&self) {
+        let now = self.now_ms();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .first_read_since_idle
+                .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A request is being served until the returned guard drops (put it in the response
+    /// body, so it lives until the body is written or abandoned).
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    /// The last time bytes moved.
+    pub fn last_io(&self) -> Instant {
+        self.at(self.last_io.load(Ordering::Relaxed))
+    }
+}
+
+/// Marks a request in progress on its connection.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            activity.idle_since.store(activity.now_ms(), Ordering::Relaxed);
+            activity.first_read_since_idle.store(NONE, Ordering::Relaxed);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+pin_project! {
+    /// An IO stream that stamps `Activity` on every read and write that moves bytes.
+    pub struct ActivityIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> ActivityIo<T> {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.on_write();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.on_write();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+pin_project! {
+    /// A response body on a client connection, marking its request in progress until hyper
+    /// has written it (or dropped it), for the connection's idle deadline.
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        in_flight: InFlight,
+    }
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Tracked<B> {
+        Tracked { inner, in_flight }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why [`watch_connection`] gave up on a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnDeadline {
+    /// No request in progress and no bytes for `idle_timeout`: close it politely.
+    Idle,
+    /// A request head was started but not finished in time: drop it.
+    HeaderRead,
+}
+
+/// Resolve when a client connection has passed one of its deadlines; pending forever while a
+/// request is in progress (its body and response have their own bounds).
+pub async fn watch_connection(activity: &Activity, idle_timeout: Duration, header_timeout: Duration) -> ConnDeadline {
+    loop {
+        // Registered before reading the state, so a change in between is not missed.
+        let changed = activity.changed.notified();
+        let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
+            None
+        } else {
+            match activity.first_read_since_idle.load(Ordering::Relaxed) {
+                NONE => {
+                    let since = activity
+                        .idle_since
+                        .load(Ordering::Relaxed)
+                        .max(activity.last_io.load(Ordering::Relaxed));
+                    Some((activity.at(since) + idle_timeout, ConnDeadline::Idle))
+                }
+                first => Some((activity.at(first) + header_timeout, ConnDeadline::HeaderRead)),
+            }
+        };
+        match deadline {
+            Some((at, verdict)) if at <= Instant::now() => return verdict,
+            Some((at, _)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = changed => {}
+                }
+            }
+            None => changed.await,
+        }
+    }
+}
+
+/// Resolve once no byte has moved for `timeout` (WebSocket tunnels).
+pub async fn until_idle(activity: &Activity, timeout: Duration) {
+    loop {
+        let deadline = activity.last_io() + timeout;
+        if deadline <= Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A per-body idle deadline, reset by every frame.
+#[derive(Debug)]
+pub struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    pub fn new(timeout: Duration) -> IdleTimer {
+        IdleTimer {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.sleep.as_mut().reset(Instant::now() + self.timeout);
+    }
+
+    /// True once the deadline has passed (registers a wake-up otherwise).
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+
+    pub fn error(&self) -> StreamIdle {
+        StreamIdle(self.timeout)
+    }
+}
+
+/// The error a body ends with when its upstream went quiet for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("no data from the upstream for {}; stream cut (upstream.stream_idle_timeout)", humantime::format_duration(*.0))]
+pub struct StreamIdle(pub Duration);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Paused tokio time: the deadlines are exercised without real waiting or timing asserts.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_passes_its_idle_deadline() {
+        let activity = Activity::new();
+        let verdict = watch_connection(&activity, Duration::from_secs(60), Duration::from_secs(10)).await;
+        assert_eq!(verdict, ConnDeadline::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_head_gets_the_header_deadline_and_a_request_none() {
+        let activity = Activity::new();
+        activity.on_read();
+        let verdict = watch_connection(&activity, Duration::from_secs(60), Duration::from_secs(10)).await;
+        assert_eq!(verdict, ConnDeadline::HeaderRead);
+
+        let activity = Activity::new();
+        let request = activity.request_started();
+        let watch = watch_connection(&activity, Duration::from_secs(1), Duration::from_secs(1));
+        tokio::pin!(watch);
+        // A request in progress: no deadline however long it takes.
+        assert!(tokio::time::timeout(Duration::from_secs(3600), watch.as_mut())
+            .await
+            .is_err());
+        drop(request);
+        assert_eq!(watch.await, ConnDeadline::Idle);
+    }
+}
