@@ -383,6 +383,27 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
                 .body(BodyExt::boxed(StreamBody::new(stream)))
                 .expect("response")
         }
+        "/sse-ticks" => {
+            // `n` events, one every `every_ms`: a stream that keeps moving for as long as a test
+            // needs (longer than an idle timeout in total, never idle that long).
+            let n: u32 = params.get("n").and_then(|v| v.parse().ok()).unwrap_or(5);
+            let every =
+                std::time::Duration::from_millis(params.get("every_ms").and_then(|v| v.parse().ok()).unwrap_or(100));
+            let stream = futures_util::stream::unfold(0u32, move |i| async move {
+                if i >= n {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(every).await;
+                }
+                let event = Bytes::from(format!("event: tick\ndata: {i}\n\n"));
+                Some((Ok::<_, Infallible>(Frame::data(event)), i + 1))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response")
+        }
         "/hang" => {
             if let Ok(permit) = state.hold.0.acquire().await {
                 permit.forget();
