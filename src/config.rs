@@ -1255,6 +1255,36 @@ max_stale = "2h"
     }
 
     #[test]
+    fn hardening_options_validate_and_name_their_key() {
+        let c = load("[listen]\nunix_socket = \"/tmp/x.sock\"\nallowed_uids = [1000]\nmax_body_size = 10\n[policy]\npreset = \"smallest\"\n").unwrap();
+        assert_eq!(c.listen.allowed_uids, vec![1000]);
+        assert_eq!(c.policy.preset, PolicyPreset::Smallest);
+        let e = load("[policy]\nallow = [\"/ok\", \"GET nope\"]\n").unwrap_err();
+        assert_eq!(e.key, "policy.allow[1]");
+        assert_eq!(e.location, "proxy.toml:2:1");
+        let e = load("[listen]\ntoken_file = \"/nonexistent/token\"\n").unwrap_err();
+        assert_eq!(e.key, "listen.token_file");
+        let e = load("[listen]\nmax_headers = 2\n").unwrap_err();
+        assert_eq!(e.key, "listen.max_headers");
+        let e = load("[listen]\nmax_body_size = 0\n").unwrap_err();
+        assert_eq!(e.key, "listen.max_body_size");
+        let e = load("[policy]\npreset = \"all\"\n").unwrap_err();
+        assert_eq!(e.key, "policy.preset");
+        let vars = vec![("SMALLEST_PROXY_POLICY_PRESET".to_string(), "smallest".to_string())];
+        assert_eq!(
+            load_text(None, "", &vars).unwrap().policy.preset,
+            PolicyPreset::Smallest
+        );
+        let c = load("").unwrap();
+        assert_eq!(c.listen.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.upstream.stream_idle_timeout, DEFAULT_STREAM_IDLE_TIMEOUT);
+        assert!(
+            c.to_toml().contains("max_header_bytes = 32768"),
+            "check shows the limits"
+        );
+    }
+
+    #[test]
     fn effective_config_round_trips() {
         let c = load("[key]\nsource = \"file\"\nfile = \"/k\"\n").unwrap();
         let again = load(&c.to_toml()).expect("printed config parses");
