@@ -489,3 +489,38 @@ async fn a_stalled_upstream_stream_is_cut_and_a_moving_one_is_not() {
     assert!(!upstream.state.sse_finished.load(std::sync::atomic::Ordering::SeqCst));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_websocket_tunnel_is_closed_and_a_busy_one_is_not() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "[upstream]\nstream_idle_timeout = \"300ms\"\n").await;
+    let url = format!("ws://{}/waves/v1/tts/live", proxy.addr);
+
+    // A message every 100 ms for 1.2 s: four idle timeouts in total, never one idle.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    for i in 0..12 {
+        ws.send(Message::Text(format!("m{i}"))).await.unwrap();
+        let echo = tokio::time::timeout(BOUND, ws.next()).await.expect("echo in time");
+        assert_eq!(echo.unwrap().unwrap(), Message::Text(format!("m{i}")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ws.close(None).await.unwrap();
+
+    // Silent after one exchange: the proxy closes the tunnel by itself.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("hi".into()));
+    let ended = tokio::time::timeout(BOUND, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the silent tunnel is still open");
+    proxy.stop().await;
+}
