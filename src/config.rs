@@ -55,6 +55,7 @@ pub struct Config {
     pub key: KeyConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -466,13 +467,46 @@ fn default_redis_timeout() -> Duration {
     DEFAULT_REDIS_TIMEOUT
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter (`info`, `smallest_proxy=debug`); `RUST_LOG` wins when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
+    /// One line per request at info, target `smallest_proxy::access`.
+    pub access: bool,
+}
+
+/// The access log is on unless turned off: it is what an operator reads first.
+pub const DEFAULT_ACCESS_LOG: bool = true;
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: None,
+            access: DEFAULT_ACCESS_LOG,
+        }
+    }
+}
+
+/// `[admin]`: where `/metrics`, `/health` and `/ready` are served besides the main listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// A separate TCP address (e.g. `127.0.0.1:9090`). When set, `/metrics` is served only
+    /// there; `/health` and `/ready` are served on both. It forwards nothing and holds no key,
+    /// so it may listen beyond loopback (a Prometheus scraping the pod).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl AdminConfig {
+    /// The admin address (validated at load).
+    pub fn socket_address(&self) -> Option<SocketAddr> {
+        self.address.as_deref().and_then(|a| a.parse().ok())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -768,6 +802,14 @@ impl Config {
         if self.key.refresh_interval < Duration::from_secs(1) {
             return err("key.refresh_interval", "must be at least 1s".into());
         }
+        if let Some(address) = &self.admin.address {
+            if address.parse::<SocketAddr>().is_err() {
+                return err(
+                    "admin.address",
+                    format!("{address:?} is not an IP address with a port, like \"127.0.0.1:9090\""),
+                );
+            }
+        }
         if let Some(level) = &self.log.level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
                 return err(
@@ -797,6 +839,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "key.vault.auth",
     "key.aws",
     "log",
+    "admin",
 ];
 
 /// Merge `SMALLEST_PROXY_*` variables into the TOML tree. Returns (key path, variable name)

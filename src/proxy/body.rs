@@ -11,7 +11,9 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::exchange::Exchange;
 use crate::limits::Permit;
+use std::sync::Arc;
 
 pub enum ProxyBody {
     /// Nothing (or already sent).
@@ -20,6 +22,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body streaming from the other side, passed through frame by frame.
     Incoming(Incoming),
+    /// A client's streamed request body, its bytes counted into the request's record.
+    Counted(Incoming, Arc<Exchange>),
     /// An upstream response holding its class's slot: the permit is released the moment the
     /// body ends or fails (or, if the client goes away, when hyper drops the body).
     Limited(Incoming, Option<Permit>),
@@ -44,6 +48,15 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(incoming) => Pin::new(incoming).poll_frame(cx),
+            ProxyBody::Counted(incoming, exchange) => {
+                let polled = Pin::new(incoming).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        exchange.add_request_bytes(data.len() as u64);
+                    }
+                }
+                polled
+            }
             ProxyBody::Limited(incoming, permit) => {
                 let polled = Pin::new(incoming).poll_frame(cx);
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
@@ -58,7 +71,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.is_end_stream(),
+            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) | ProxyBody::Counted(incoming, _) => {
+                incoming.is_end_stream()
+            }
         }
     }
 
@@ -66,7 +81,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) => incoming.size_hint(),
+            ProxyBody::Incoming(incoming) | ProxyBody::Limited(incoming, _) | ProxyBody::Counted(incoming, _) => {
+                incoming.size_hint()
+            }
         }
     }
 }

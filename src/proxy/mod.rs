@@ -10,6 +10,7 @@ pub mod forward;
 pub mod guard;
 pub mod retry;
 pub mod rewrite;
+pub mod tunnel;
 pub mod upgrade;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 use std::sync::Arc;
 
 use crate::error::ProxyError;
+use crate::exchange::Exchange;
 use crate::keys::KeyStore;
 use crate::limits::{self, Limiter};
 use body::ProxyBody;
@@ -34,6 +36,7 @@ pub struct Proxy {
     keys: Arc<KeyStore>,
     guard: Guard,
     limiter: Arc<Limiter>,
+    tunnels: tunnel::Tunnels,
 }
 
 impl Proxy {
@@ -43,13 +46,32 @@ impl Proxy {
             keys,
             guard,
             limiter,
+            tunnels: tunnel::Tunnels::default(),
         }
     }
 
+    /// Spawn WebSocket tunnels on `tunnels` (the run's drain tracks and closes them).
+    pub fn with_tunnels(mut self, tunnels: tunnel::Tunnels) -> Proxy {
+        self.tunnels = tunnels;
+        self
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
     /// Forward one client request; never fails (errors are answered as JSON).
-    pub async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+    /// `exchange` is this request's record (access log, metrics): the steps note in it what
+    /// only they know.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        transport: Transport,
+        exchange: &Arc<Exchange>,
+    ) -> Response<ProxyBody> {
         let request_id = request_id(&req);
-        let mut response = match self.forward(req, transport, &request_id).await {
+        exchange.set_request_id(&request_id);
+        let mut response = match self.forward(req, transport, &request_id, exchange).await {
             Ok(response) => response,
             Err(err) => {
                 tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
@@ -69,6 +91,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         transport: Transport,
         request_id: &str,
+        exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&req, transport)?;
         // One load: this request (and its tunnel, if any) keeps this key even if it rotates
@@ -93,7 +116,10 @@ impl Proxy {
             retry::prepare(&headers, body).await?
         };
         let (replayable, mut streaming) = match body {
-            OutgoingBody::Replayable(bytes) => (Some(bytes), None),
+            OutgoingBody::Replayable(bytes) => {
+                exchange.add_request_bytes(bytes.len() as u64);
+                (Some(bytes), None)
+            }
             OutgoingBody::Streaming(incoming) => (None, Some(incoming)),
         };
 
@@ -104,17 +130,22 @@ impl Proxy {
         } else {
             limits::Kind::Request
         };
+        let admitting = std::time::Instant::now();
         let permit = class.admit(kind).await.map_err(|shed| ProxyError::RateLimited {
             message: shed.message(),
             retry_after: shed.retry_after,
         })?;
+        exchange.set_queue_wait(admitting.elapsed());
 
         let mut resent_after_401 = false;
         let mut resends_after_throttle = 0;
         let response = loop {
             let (mut attempt_headers, body) = match (&replayable, streaming.take()) {
                 (Some(bytes), _) => (headers.clone(), ProxyBody::full(bytes.clone())),
-                (None, Some(incoming)) => (std::mem::take(&mut headers), ProxyBody::Incoming(incoming)),
+                (None, Some(incoming)) => (
+                    std::mem::take(&mut headers),
+                    ProxyBody::Counted(incoming, exchange.clone()),
+                ),
                 (None, None) => {
                     return Err(ProxyError::UpstreamUnavailable(
                         "the request body was already sent".into(),
@@ -128,7 +159,9 @@ impl Proxy {
             *upstream_request.version_mut() = Version::HTTP_11;
             *upstream_request.headers_mut() = attempt_headers;
 
+            let sent = std::time::Instant::now();
             let response = self.upstream.send(upstream_request, websocket).await?;
+            exchange.set_upstream_latency(sent.elapsed());
             if response.status() == StatusCode::UNAUTHORIZED && replayable.is_some() && !resent_after_401 {
                 // The key may have rotated under us: one coalesced refresh, one resend with
                 // the new key if there is one. Never a loop.
@@ -175,6 +208,7 @@ impl Proxy {
                     response,
                     request_id.to_string(),
                     permit,
+                    &self.tunnels,
                 ));
             }
         }

@@ -5,7 +5,8 @@
 //!
 //! The tunnel copies bytes, not messages: frames, masking, close codes and negotiated
 //! extensions pass through unchanged in both directions, and the proxy spends no CPU parsing
-//! audio frames it has no business reading.
+//! audio frames it has no business reading (it reads frame headers only, to know where a Close
+//! frame may go at the drain deadline: see `tunnel`).
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
+use super::tunnel::{self, Tunnels};
 use crate::limits::Permit;
 
 /// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
@@ -43,21 +45,22 @@ pub fn open_tunnel(
     mut upstream_response: Response<Incoming>,
     request_id: String,
     permit: Permit,
+    tunnels: &Tunnels,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     restore_upgrade_headers(&mut parts.headers);
-    tokio::spawn(async move {
+    let close = tunnels.close.clone();
+    // On the run's tunnel tracker, so the drain waits for it (and closes it at the deadline).
+    tunnels.tracker.spawn(async move {
         // The WebSocket slot is held for exactly the tunnel's life.
         let _permit = permit;
         let (client, upstream) = tokio::join!(client, upstream);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((sent, received)) => tracing::debug!(request_id, sent, received, "websocket tunnel closed"),
+                match tunnel::run(TokioIo::new(client), TokioIo::new(upstream), close).await {
+                    Ok(how) => tracing::debug!(request_id, how, "websocket tunnel closed"),
                     Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
                 }
             }
