@@ -85,13 +85,12 @@ pub fn not_found() -> Response<ProxyBody> {
     json(StatusCode::NOT_FOUND, &body)
 }
 
+/// Answers one admin request (the running state's key store and the run's metrics).
+pub type AdminResponder = Arc<dyn Fn(&Request<Incoming>) -> Response<ProxyBody> + Send + Sync>;
+
 /// Serve `respond` on the admin listener until `shutdown`. Plain HTTP/1.1; nothing is
 /// forwarded, so no drain: open scrapes end with the process.
-pub async fn serve(
-    listener: TcpListener,
-    respond: Arc<dyn Fn(&Request<Incoming>) -> Response<ProxyBody> + Send + Sync>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, respond: AdminResponder, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -146,7 +146,9 @@ pub struct ClassHandles {
 
 impl ClassHandles {
     fn new(name: &str, metrics: &Arc<Metrics>) -> ClassHandles {
-        let label = ClassLabel { class: name.to_string() };
+        let label = ClassLabel {
+            class: name.to_string(),
+        };
         ClassHandles {
             name: name.to_string(),
             duration: metrics.request_duration.get_or_create(&label).clone(),

@@ -214,7 +214,10 @@ pub async fn run_with_reload(
         );
         let bound = drain_timeout + proxy::tunnel::BOUNDARY_GRACE + proxy::tunnel::CLOSE_REPLY_WAIT * 2;
         if tokio::time::timeout(bound, tunnels.tracker.wait()).await.is_err() {
-            tracing::warn!(open = tunnels.tracker.len(), "WebSocket tunnels still open; exiting anyway");
+            tracing::warn!(
+                open = tunnels.tracker.len(),
+                "WebSocket tunnels still open; exiting anyway"
+            );
         }
     }
     tracing::info!("smallest-proxy stopped");

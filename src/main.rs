@@ -7,7 +7,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
-use smallest_proxy::reload::{LogControl, ReloadSource};
+use smallest_proxy::reload::{LogControl, ReloadSource, SetLogLevel};
 use smallest_proxy::Listeners;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -171,7 +171,7 @@ fn init_logging(config: &Config) -> LogControl {
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     // The two formats are different subscriber types: each gets its own reload handle.
-    let set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> = match config.log.format {
+    let set_level: SetLogLevel = match config.log.format {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();

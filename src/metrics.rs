@@ -229,9 +229,7 @@ struct KeyCollector(Arc<KeyMetrics>);
 impl Collector for KeyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let status = self.0.store.load().as_ref().map(|store| store.status());
-        let (rotations, errors) = status
-            .as_ref()
-            .map_or((0, 0), |s| (s.rotations, s.refresh_errors));
+        let (rotations, errors) = status.as_ref().map_or((0, 0), |s| (s.rotations, s.refresh_errors));
         let rotations = ConstCounter::new(rotations + self.0.retired_rotations.load(Ordering::Relaxed));
         rotations.encode(encoder.encode_descriptor(
             "key_rotations",

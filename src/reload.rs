@@ -61,12 +61,15 @@ pub struct Shared {
     pub run: CancellationToken,
 }
 
+/// Replaces the running subscriber's filter with one parsed from a `log.level` string.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Changes the log filter of the running subscriber (a `tracing_subscriber` reload handle,
 /// built in `main.rs`).
 pub struct LogControl {
     /// `RUST_LOG` is set: it wins over `log.level`, so a reload leaves the filter alone.
     pub rust_log_set: bool,
-    pub set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set_level: SetLogLevel,
 }
 
 /// Where a reload reads its config from: the same file and environment as at start.
@@ -121,19 +124,15 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
             let store = match (&config.limits.shared, previous) {
                 (Some(wanted), Some(p)) if p.config.limits.shared.as_ref() == Some(wanted) => p.shared.clone(),
                 (Some(wanted), _) => {
-                    let store = SharedStore::start(wanted, shared.metrics.redis_fallbacks.clone())
-                        .map_err(RunError::Limits)?;
+                    let store =
+                        SharedStore::start(wanted, shared.metrics.redis_fallbacks.clone()).map_err(RunError::Limits)?;
                     // Start in shared mode when Redis is there; never hold start-up hostage to it.
                     store.wait_up(SHARED_LIMITS_WAIT).await;
                     Some(store)
                 }
                 (None, _) => None,
             };
-            let limiter = Arc::new(limits::Limiter::new(
-                &config.limits,
-                &shared.metrics,
-                store.clone(),
-            ));
+            let limiter = Arc::new(limits::Limiter::new(&config.limits, &shared.metrics, store.clone()));
             (limiter, store)
         }
     };
@@ -154,11 +153,7 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
 }
 
 /// Re-read the config and swap in a new state; on any error keep the running one.
-pub async fn reload(
-    state: &arc_swap::ArcSwap<RunState>,
-    source: &ReloadSource,
-    shared: &Shared,
-) -> Result<(), String> {
+pub async fn reload(state: &arc_swap::ArcSwap<RunState>, source: &ReloadSource, shared: &Shared) -> Result<(), String> {
     let current = state.load_full();
     let mut config = Config::load(source.config_path.as_deref(), &source.vars).map_err(|e| e.to_string())?;
     keep_restart_only(&mut config, &current.config);
@@ -184,7 +179,9 @@ pub async fn reload(
 /// Settings bound at start (sockets, the log format): keep the running ones, say so.
 fn keep_restart_only(config: &mut Config, running: &Config) {
     if config.listen != running.listen {
-        tracing::warn!("[listen] changed: listeners and connection settings change only on restart; keeping the running ones");
+        tracing::warn!(
+            "[listen] changed: listeners and connection settings change only on restart; keeping the running ones"
+        );
         config.listen = running.listen.clone();
     }
     if config.admin != running.admin {

@@ -146,9 +146,18 @@ async fn metrics_parse_as_openmetrics_and_count_requests_bytes_and_latency_by_cl
         by_class("smallest_proxy_response_bytes_total", "default"),
         Some(3000.0 + not_found_body)
     );
-    assert_eq!(by_class("smallest_proxy_request_duration_seconds_count", "default"), Some(4.0));
-    assert_eq!(by_class("smallest_proxy_upstream_latency_seconds_count", "default"), Some(4.0));
-    assert_eq!(by_class("smallest_proxy_upstream_latency_seconds_count", "tts"), Some(2.0));
+    assert_eq!(
+        by_class("smallest_proxy_request_duration_seconds_count", "default"),
+        Some(4.0)
+    );
+    assert_eq!(
+        by_class("smallest_proxy_upstream_latency_seconds_count", "default"),
+        Some(4.0)
+    );
+    assert_eq!(
+        by_class("smallest_proxy_upstream_latency_seconds_count", "tts"),
+        Some(2.0)
+    );
     let duration_sum = by_class("smallest_proxy_request_duration_seconds_sum", "default").unwrap();
     let upstream_sum = by_class("smallest_proxy_upstream_latency_seconds_sum", "default").unwrap();
     assert!(
@@ -156,7 +165,10 @@ async fn metrics_parse_as_openmetrics_and_count_requests_bytes_and_latency_by_cl
         "the whole request includes the upstream's part: {duration_sum} vs {upstream_sum}"
     );
     assert_eq!(sample(&samples, "smallest_proxy_key_rotations_total", &[]), Some(0.0));
-    assert_eq!(sample(&samples, "smallest_proxy_key_refresh_errors_total", &[]), Some(0.0));
+    assert_eq!(
+        sample(&samples, "smallest_proxy_key_refresh_errors_total", &[]),
+        Some(0.0)
+    );
     let age = sample(&samples, "smallest_proxy_key_age_seconds", &[]).expect("key age");
     assert!((0.0..600.0).contains(&age), "{age}");
     for result in ["success", "failure"] {
@@ -173,10 +185,7 @@ async fn metrics_parse_as_openmetrics_and_count_requests_bytes_and_latency_by_cl
     // No label value is a path, a query or the key.
     for s in &samples {
         let labels = s["labels"].to_string();
-        assert!(
-            !labels.contains('/') && !labels.contains(TEST_KEY),
-            "{labels}"
-        );
+        assert!(!labels.contains('/') && !labels.contains(TEST_KEY), "{labels}");
     }
 }
 
@@ -247,7 +256,9 @@ async fn access_lines_are_json_with_every_field_and_never_the_query_a_header_or_
     assert_eq!(fields["bytes_out"], 10);
     assert_eq!(fields["outcome"], "complete");
     for timing in ["duration_ms", "queue_wait_ms", "upstream_ms"] {
-        let ms = fields[timing].as_f64().unwrap_or_else(|| panic!("{timing} missing: {line}"));
+        let ms = fields[timing]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{timing} missing: {line}"));
         assert!((0.0..60_000.0).contains(&ms), "{timing} = {ms}");
     }
     assert!(fields["duration_ms"].as_f64() >= fields["upstream_ms"].as_f64());
@@ -326,8 +337,5 @@ async fn the_admin_address_serves_metrics_health_and_ready_and_the_main_port_no_
     let (status, _, body) = get(&proxy.url("/metrics")).await;
     assert_eq!(status, 404);
     assert_eq!(json(&body)["code"], "NOT_FOUND");
-    assert!(upstream
-        .records()
-        .iter()
-        .all(|r| r.uri.path() == "/echo"));
+    assert!(upstream.records().iter().all(|r| r.uri.path() == "/echo"));
 }

@@ -150,7 +150,12 @@ enum PumpEnd {
 }
 
 /// Copy `from` to `to`, tracking frames, until EOF, or after `close` until a frame boundary.
-async fn pump<R, W>(from: &mut R, to: &mut W, tracker: &mut FrameTracker, close: &CancellationToken) -> std::io::Result<PumpEnd>
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    tracker: &mut FrameTracker,
+    close: &CancellationToken,
+) -> std::io::Result<PumpEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -284,7 +289,13 @@ mod tests {
     fn tracks_boundaries_across_all_length_forms_split_anywhere() {
         let mut stream = Vec::new();
         let mut boundaries = vec![0];
-        for (opcode, len, masked) in [(1, 5, false), (2, 300, true), (2, 70_000, false), (9, 0, true), (8, 2, false)] {
+        for (opcode, len, masked) in [
+            (1, 5, false),
+            (2, 300, true),
+            (2, 70_000, false),
+            (9, 0, true),
+            (8, 2, false),
+        ] {
             stream.extend(frame(opcode, len, masked));
             boundaries.push(stream.len());
         }
