@@ -190,7 +190,7 @@ async fn metrics_parse_as_openmetrics_and_count_requests_bytes_and_latency_by_cl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_rotation_is_counted_and_the_age_restarts() {
+async fn a_key_rotation_is_counted() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(&dir);

@@ -139,7 +139,7 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
 }
 
 /// How one direction ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PumpEnd {
     /// The reading side hung up (normal end of a tunnel); the write side was shut down.
     Eof,
@@ -215,8 +215,7 @@ async fn await_close_reply<R: AsyncRead + Unpin>(from: &mut R, tracker: &mut Fra
 
 /// Run a tunnel between the client and the upstream until either side ends it, or until the
 /// drain deadline (`close`), when both sides are sent Close(1001) at frame boundaries. Returns
-/// (bytes client→upstream, bytes upstream→client) are not counted here; the result says how it
-/// ended, for the log.
+/// how it ended, for the log.
 pub async fn run<C, U>(client: C, upstream: U, close: CancellationToken) -> std::io::Result<&'static str>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -226,14 +225,29 @@ where
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let mut from_client = FrameTracker::default();
     let mut from_upstream = FrameTracker::default();
-    let (up, down) = tokio::join!(
-        pump(&mut client_read, &mut upstream_write, &mut from_client, &close),
-        pump(&mut upstream_read, &mut client_write, &mut from_upstream, &close),
-    );
-    let (up, down) = (up?, down?);
-    if up == PumpEnd::Eof && down == PumpEnd::Eof {
-        return Ok("closed by the peers");
-    }
+    let (up, down) = {
+        let up = pump(&mut client_read, &mut upstream_write, &mut from_client, &close);
+        let down = pump(&mut upstream_read, &mut client_write, &mut from_upstream, &close);
+        tokio::pin!(up, down);
+        let (mut up_end, mut down_end) = (None, None);
+        loop {
+            // An error either way (a peer reset) ends both directions at once: the other side
+            // must not be left open, holding the WebSocket slot until it notices.
+            tokio::select! {
+                end = &mut up, if up_end.is_none() => up_end = Some(end?),
+                end = &mut down, if down_end.is_none() => match end? {
+                    // The upstream hung up: nothing the client sends can be delivered any more
+                    // (and the server is the side that closes the TCP connection, RFC 6455
+                    // §7.1.1), so the tunnel is over even if the client keeps its socket open.
+                    PumpEnd::Eof => return Ok("closed by the upstream"),
+                    end => down_end = Some(end),
+                },
+            }
+            if let (Some(up), Some(down)) = (up_end, down_end) {
+                break (up, down);
+            }
+        }
+    };
     if up == PumpEnd::MidFrame || down == PumpEnd::MidFrame {
         // A Close frame now would land inside a frame: cut the connections instead.
         return Ok("cut at the drain deadline (a peer stalled mid-frame)");
