@@ -19,8 +19,9 @@ fn authorization_of_last_request(upstream: &TestUpstream) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_a_new_key_file_limit_and_log_level_to_the_next_request() {
+async fn sighup_applies_a_new_upstream_key_file_limit_and_log_level_to_the_next_request_only() {
     let upstream = TestUpstream::start().await;
+    let moved_upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let first_key = dir.path().join("first");
     let second_key = dir.path().join("second");
@@ -30,18 +31,22 @@ async fn sighup_applies_a_new_key_file_limit_and_log_level_to_the_next_request()
         &proxy_config_text(&upstream.url(), &upstream.pki.ca_file, &first_key, ""),
         &[],
     );
-    // Before: the first key, no limit (two requests at once are fine), info level.
-    let held = support::client().get(proxy.url("/sse").parse().unwrap()).await.unwrap();
+    // Before: the first upstream and key, no limit (a request while a stream is open is fine),
+    // info level.
+    let in_flight = support::client().get(proxy.url("/sse").parse().unwrap()).await.unwrap();
     assert_eq!(get(&proxy.url("/echo")).await.0, 200);
     assert_eq!(authorization_of_last_request(&upstream), format!("Bearer {TEST_KEY}"));
-    upstream.state.sse_release.notify_one();
-    held.into_body().collect().await.unwrap();
 
+    assert!(
+        !proxy.stderr_text().contains(" DEBUG "),
+        "debug lines before the reload"
+    );
+    // A new upstream (with its own CA), key file, limit and log level.
     std::fs::write(
         proxy.config_path(),
         proxy_config_text(
-            &upstream.url(),
-            &upstream.pki.ca_file,
+            &moved_upstream.url(),
+            &moved_upstream.pki.ca_file,
             &second_key,
             "[limits]\nmax_concurrent = 1\nmax_queue = 0\n[log]\nlevel = \"smallest_proxy=debug\"\n",
         ),
@@ -50,9 +55,23 @@ async fn sighup_applies_a_new_key_file_limit_and_log_level_to_the_next_request()
     proxy.signal(libc::SIGHUP);
     proxy.wait_for_log("config reloaded", 1, Duration::from_secs(20));
 
-    // After: the second key on the next request...
+    // The stream opened before the reload finishes on the old upstream.
+    upstream.state.sse_release.notify_one();
+    let rest = in_flight.into_body().collect().await.unwrap().to_bytes();
+    assert!(rest.ends_with(b"data: event-3\n\n"), "{rest:?}");
+    let old_count = upstream.records().len();
+
+    // The next request: the new upstream, with the second key...
     assert_eq!(get(&proxy.url("/echo")).await.0, 200);
-    assert_eq!(authorization_of_last_request(&upstream), format!("Bearer {SECOND_KEY}"));
+    assert_eq!(
+        authorization_of_last_request(&moved_upstream),
+        format!("Bearer {SECOND_KEY}")
+    );
+    assert_eq!(
+        upstream.records().len(),
+        old_count,
+        "nothing more went to the old upstream"
+    );
     // ...the new limit (one slot, no queue: a second request while one streams is shed)...
     let held = support::client().get(proxy.url("/sse").parse().unwrap()).await.unwrap();
     let (status, _, body) = get(&proxy.url("/echo")).await;
@@ -60,7 +79,7 @@ async fn sighup_applies_a_new_key_file_limit_and_log_level_to_the_next_request()
     assert_eq!(json(&body)["code"], "RATE_LIMIT_EXCEEDED");
     // ...and the debug level (the shed request's "answered locally" line is at debug).
     proxy.wait_for_log("answered locally", 1, Duration::from_secs(10));
-    upstream.state.sse_release.notify_one();
+    moved_upstream.state.sse_release.notify_one();
     held.into_body().collect().await.unwrap();
     wait_metric(
         &proxy.url(""),
