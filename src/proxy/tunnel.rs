@@ -358,4 +358,62 @@ mod tests {
         assert!(tracker.at_boundary());
         assert_eq!(tracker.closes_seen(), 1);
     }
+
+    /// Read one close frame from `from`: (masked, code).
+    async fn read_close<R: AsyncRead + Unpin>(from: &mut R) -> (bool, u16) {
+        let mut head = [0u8; 2];
+        from.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x88, "not a final Close frame");
+        let masked = head[1] & 0x80 != 0;
+        let mut mask = [0u8; 4];
+        if masked {
+            from.read_exact(&mut mask).await.unwrap();
+        }
+        let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+        from.read_exact(&mut payload).await.unwrap();
+        if masked {
+            payload.iter_mut().enumerate().for_each(|(i, b)| *b ^= mask[i % 4]);
+        }
+        (masked, u16::from_be_bytes([payload[0], payload[1]]))
+    }
+
+    #[tokio::test]
+    async fn at_the_deadline_a_frame_in_progress_is_finished_then_both_sides_get_1001() {
+        let (client_side, mut client) = tokio::io::duplex(256 * 1024);
+        let (upstream_side, mut upstream) = tokio::io::duplex(256 * 1024);
+        let close = CancellationToken::new();
+        let tunnel = tokio::spawn(run(client_side, upstream_side, close.clone()));
+        let first = frame(2, 1000, true);
+        let second = frame(1, 10, true);
+        client.write_all(&first[..100]).await.unwrap();
+        let mut got = vec![0u8; 100];
+        upstream.read_exact(&mut got).await.unwrap();
+        // The deadline passes mid-frame; the client goes on sending.
+        close.cancel();
+        let mut rest = first[100..].to_vec();
+        rest.extend_from_slice(&second);
+        client.write_all(&rest).await.unwrap();
+        // The upstream gets the rest of the frame in progress, then a masked Close(1001), and
+        // never the frame after the boundary.
+        let mut got = vec![0u8; first.len() - 100];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first[100..]);
+        assert_eq!(read_close(&mut upstream).await, (true, GOING_AWAY));
+        // The client gets an unmasked Close(1001).
+        assert_eq!(read_close(&mut client).await, (false, GOING_AWAY));
+        drop((client, upstream));
+        assert_eq!(tunnel.await.unwrap().unwrap(), "closed with 1001 at the drain deadline");
+    }
+
+    #[tokio::test]
+    async fn the_upstream_hanging_up_ends_the_tunnel_while_the_client_stays_connected() {
+        let (client_side, mut client) = tokio::io::duplex(1024);
+        let (upstream_side, upstream) = tokio::io::duplex(1024);
+        let tunnel = tokio::spawn(run(client_side, upstream_side, CancellationToken::new()));
+        drop(upstream);
+        assert_eq!(tunnel.await.unwrap().unwrap(), "closed by the upstream");
+        // The client sees the end of the stream.
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    }
 }
