@@ -1006,6 +1006,24 @@ mod tests {
     }
 
     #[test]
+    fn access_log_and_admin_address_default_set_and_validate() {
+        let c = load("").expect("defaults");
+        assert!(c.log.access, "the access log is on by default");
+        assert_eq!(c.admin.address, None);
+        let c = load("[log]\naccess = false\n[admin]\naddress = \"0.0.0.0:9090\"\n").expect("valid");
+        assert!(!c.log.access);
+        assert_eq!(c.admin.socket_address(), Some("0.0.0.0:9090".parse().unwrap()));
+        let e = load("[admin]\naddress = \"localhost\"\n").unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.location.as_str()),
+            ("admin.address", "proxy.toml:2:1")
+        );
+        let vars = [("SMALLEST_PROXY_ADMIN_ADDRESS".to_string(), "127.0.0.1:9191".to_string())];
+        let c = load_text(None, "", &vars).expect("env override");
+        assert_eq!(c.admin.address.as_deref(), Some("127.0.0.1:9191"));
+    }
+
+    #[test]
     fn the_design_md_keys_parse() {
         let c = load(
             r#"
