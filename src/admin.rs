@@ -3,9 +3,23 @@
 //!
 //! `/ready` reports the key's source, fingerprint, age and last error: enough for an operator
 //! to see which key is live and why it is not, never the key.
+//!
+//! With `[admin] address` set, the three are also served on that separate listener, and
+//! `/metrics` only there: the scrape port can be opened to the cluster without opening the
+//! proxy, and apps on the main port cannot read the metrics. `/health` and `/ready` stay on the
+//! main port too, so probes and `smallest-proxy health` work either way.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
@@ -52,6 +66,65 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Respo
         }
     }
 }
+
+/// `/metrics` on the main listener when it is served on the admin address instead.
+pub fn metrics_elsewhere() -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": "metrics are served on the [admin] address",
+        "code": "NOT_FOUND",
+    });
+    json(StatusCode::NOT_FOUND, &body)
+}
+
+/// Anything else on the admin listener.
+pub fn not_found() -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": "the admin address serves /health, /ready and /metrics only",
+        "code": "NOT_FOUND",
+    });
+    json(StatusCode::NOT_FOUND, &body)
+}
+
+/// Answers one admin request (the running state's key store and the run's metrics).
+pub type AdminResponder = Arc<dyn Fn(&Request<Incoming>) -> Response<ProxyBody> + Send + Sync>;
+
+/// Serve `respond` on the admin listener until `shutdown`. Plain HTTP/1.1; nothing is
+/// forwarded, so no drain: open scrapes end with the process.
+pub async fn serve(listener: TcpListener, respond: AdminResponder, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let respond = respond.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = respond(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Scrapers and probes send their head at once; a slow one is not worth a connection.
+const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));

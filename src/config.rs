@@ -75,6 +75,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -541,13 +542,46 @@ pub enum PolicyPreset {
     Smallest,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter (`info`, `smallest_proxy=debug`); `RUST_LOG` wins when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
+    /// One line per request at info, target `smallest_proxy::access`.
+    pub access: bool,
+}
+
+/// The access log is on unless turned off: it is what an operator reads first.
+pub const DEFAULT_ACCESS_LOG: bool = true;
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: None,
+            access: DEFAULT_ACCESS_LOG,
+        }
+    }
+}
+
+/// `[admin]`: where `/metrics`, `/health` and `/ready` are served besides the main listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// A separate TCP address (e.g. `127.0.0.1:9090`). When set, `/metrics` is served only
+    /// there; `/health` and `/ready` are served on both. It forwards nothing and holds no key,
+    /// so it may listen beyond loopback (a Prometheus scraping the pod).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl AdminConfig {
+    /// The admin address (validated at load).
+    pub fn socket_address(&self) -> Option<SocketAddr> {
+        self.address.as_deref().and_then(|a| a.parse().ok())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -882,6 +916,14 @@ impl Config {
         if self.key.refresh_interval < Duration::from_secs(1) {
             return err("key.refresh_interval", "must be at least 1s".into());
         }
+        if let Some(address) = &self.admin.address {
+            if address.parse::<SocketAddr>().is_err() {
+                return err(
+                    "admin.address",
+                    format!("{address:?} is not an IP address with a port, like \"127.0.0.1:9090\""),
+                );
+            }
+        }
         if let Some(level) = &self.log.level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
                 return err(
@@ -912,6 +954,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "key.aws",
     "policy",
     "log",
+    "admin",
 ];
 
 /// Merge `SMALLEST_PROXY_*` variables into the TOML tree. Returns (key path, variable name)
@@ -1075,6 +1118,24 @@ mod tests {
         assert_eq!(c.auth.scheme, AuthScheme::Bearer);
         assert_eq!(c.key.source, KeySourceKind::Env);
         assert_eq!(c.key.env, "SMALLEST_API_KEY");
+    }
+
+    #[test]
+    fn access_log_and_admin_address_default_set_and_validate() {
+        let c = load("").expect("defaults");
+        assert!(c.log.access, "the access log is on by default");
+        assert_eq!(c.admin.address, None);
+        let c = load("[log]\naccess = false\n[admin]\naddress = \"0.0.0.0:9090\"\n").expect("valid");
+        assert!(!c.log.access);
+        assert_eq!(c.admin.socket_address(), Some("0.0.0.0:9090".parse().unwrap()));
+        let e = load("[admin]\naddress = \"localhost\"\n").unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.location.as_str()),
+            ("admin.address", "proxy.toml:2:1")
+        );
+        let vars = [("SMALLEST_PROXY_ADMIN_ADDRESS".to_string(), "127.0.0.1:9191".to_string())];
+        let c = load_text(None, "", &vars).expect("env override");
+        assert_eq!(c.admin.address.as_deref(), Some("127.0.0.1:9191"));
     }
 
     #[test]

@@ -4,20 +4,24 @@
 //! [`run`] is the seam: `main.rs` and the integration tests both build a [`Config`], bind
 //! [`Listeners`], and call it. Module map (a room per concern):
 //! `config` (the TOML contract), `keys` (sources and rotation), `proxy` (the request path),
-//! `admin` (`/health`, `/ready`), `server` (listeners and connections), `error` (the JSON
-//! error table).
+//! `admin` (`/health`, `/ready`, `/metrics`, the optional admin listener), `server` (listeners
+//! and connections), `error` (the JSON error table), `reload` (the per-run state and SIGHUP),
+//! `exchange` (the access line and request metrics), `metrics` (the families).
 
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod systemd;
 pub mod timeouts;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::future::Future;
@@ -28,10 +32,10 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use server::Listeners;
 
-use keys::KeyStore;
+use exchange::{Exchange, ObservedBody};
 use proxy::body::ProxyBody;
-use proxy::guard::{Guard, Transport};
-use proxy::Proxy;
+use proxy::guard::Transport;
+use proxy::tunnel::Tunnels;
 
 /// How long start-up waits for the first key fetch before serving anyway (with `/ready` 503
 /// and `KEY_UNAVAILABLE` answers until the source comes up).
@@ -40,25 +44,58 @@ pub const INITIAL_KEY_WAIT: Duration = Duration::from_secs(2);
 /// itself once Redis answers).
 pub const SHARED_LIMITS_WAIT: Duration = Duration::from_secs(2);
 
-/// Everything a request needs, shared by all connections.
+/// What every connection shares: the swappable per-run state and the run-wide parts.
 pub struct App {
-    proxy: Proxy,
-    keys: Arc<KeyStore>,
+    /// Replaced whole by a reload; each request loads it once and finishes on it.
+    state: Arc<ArcSwap<reload::RunState>>,
     metrics: Arc<metrics::Metrics>,
+    /// `[admin] address` is set: `/metrics` is served there, not on the main listeners.
+    metrics_on_main: bool,
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ObservedBody> {
+        let state = self.state.load_full();
         // Before anything else, admin endpoints included: a refused caller learns nothing.
         let conn = req.extensions().get::<proxy::caller::ConnInfo>();
-        if let Err(refused) = self.proxy.hardening.callers.check_peer(conn) {
-            tracing::debug!(peer_uid = conn.and_then(|c| c.peer_uid), "caller refused");
-            return refused.into_response(&proxy::request_id(&req));
+        let peer_uid = conn.and_then(|c| c.peer_uid);
+        if let Err(refused) = state.proxy.hardening.callers.check_peer(conn) {
+            tracing::debug!(peer_uid, "caller refused");
+            let (parts, body) = refused.into_response(&proxy::request_id(&req)).into_parts();
+            let status = parts.status;
+            return Response::from_parts(parts, ObservedBody::new(body, status, None));
         }
         if admin::is_admin_request(&req) {
-            return admin::respond(&req, &self.keys, &self.metrics);
+            let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
+                admin::metrics_elsewhere()
+            } else {
+                admin::respond(&req, &state.keys.store, &self.metrics)
+            };
+            // Probes and scrapes are not API traffic: no access line, no request metrics.
+            let (parts, body) = response.into_parts();
+            return Response::from_parts(parts, ObservedBody::new(body, http::StatusCode::OK, None));
         }
-        self.proxy.handle(req, transport).await
+        let class = state.limiter.class_for(req.uri().path()).name();
+        let exchange = Arc::new(Exchange::new(
+            req.method().clone(),
+            req.uri().path(),
+            state.request_metrics.class(class),
+            // The caller's uid on a Unix socket (SO_PEERCRED).
+            peer_uid,
+            state.config.log.access,
+        ));
+        let response = state.proxy.handle(req, transport, &exchange).await;
+        let (parts, body) = response.into_parts();
+        let status = parts.status;
+        Response::from_parts(parts, ObservedBody::new(body, status, Some(exchange)))
+    }
+
+    /// `/health`, `/ready` and `/metrics` on the `[admin] address`.
+    fn handle_admin<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
+        if !admin::is_admin_request(req) {
+            return admin::not_found();
+        }
+        admin::respond(req, &self.state.load().keys.store, &self.metrics)
     }
 }
 
@@ -72,6 +109,10 @@ pub enum RunError {
     Limits(String),
     #[error("{0}")]
     Hardening(String),
+    #[error("{0}")]
+    Reload(String),
+    #[error("admin address {address}: {error}")]
+    Admin { address: String, error: std::io::Error },
 }
 
 /// Run the proxy on `listeners` until `shutdown` completes, then drain and return.
@@ -83,68 +124,63 @@ pub async fn run(
     run_with_reload(config, listeners, shutdown, None).await
 }
 
-/// [`run`], plus a reload trigger (SIGHUP in `main.rs`): each message forces a key refresh.
+/// [`run`], plus reloads (SIGHUP in `main.rs`): each request on `reload` re-reads the config
+/// from the same file and environment, applies it to new requests, and forces a key refresh.
 pub async fn run_with_reload(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    mut reload: Option<tokio::sync::mpsc::Receiver<()>>,
+    reload: Option<reload::ReloadSource>,
 ) -> Result<(), RunError> {
-    let upstream = proxy::forward::Upstream::new(&config.upstream)?;
-    let source = keys::source_from_config(&config).await?;
-    let keys = Arc::new(KeyStore::new(source, config.auth.scheme, config.key.max_stale));
     let token = CancellationToken::new();
-
-    // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
-    let _ = tokio::time::timeout(INITIAL_KEY_WAIT, keys.refresh()).await;
-    let refresher = keys::spawn_refresher(keys.clone(), config.key.refresh_interval, token.clone());
-    // Held for the whole run: dropping the watcher stops it.
-    let _key_file_watcher = match (&config.key.source, &config.key.file) {
-        (config::KeySourceKind::File, Some(path)) => keys::file::watch(path, keys.clone()),
-        _ => None,
-    };
-    if let Some(mut reload) = reload.take() {
-        let keys = keys.clone();
-        tokio::spawn(async move {
-            while reload.recv().await.is_some() {
-                tracing::info!("reload requested: refreshing the key");
-                keys.request_refresh();
-            }
-        });
-    }
-
-    let guard = Guard {
-        check_host: !config.listen.allow_remote,
-        allowed_origins: config.listen.allowed_origins.clone(),
-    };
-    let hardening = proxy::Hardening::from_config(&config).map_err(RunError::Hardening)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let shared = match &config.limits.shared {
-        Some(shared) => {
-            let store =
-                limits::redis::SharedStore::start(shared, metrics.redis_fallbacks.clone()).map_err(RunError::Limits)?;
-            // Start in shared mode when Redis is there; never hold start-up hostage to it.
-            store.wait_up(SHARED_LIMITS_WAIT).await;
-            Some(store)
-        }
+    let tunnels = Tunnels::default();
+    let shared = || reload::Shared {
+        metrics: metrics.clone(),
+        tunnels: tunnels.clone(),
+        run: token.clone(),
+    };
+    let admin_listener = match config.admin.socket_address() {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|error| RunError::Admin {
+                    address: address.to_string(),
+                    error,
+                })?,
+        ),
         None => None,
     };
-    let limiter = Arc::new(limits::Limiter::new(&config.limits, &metrics, shared));
+    let drain_timeout = config.listen.drain_timeout;
+    let listen = config.listen.clone();
+    let state = reload::build(config, None, &shared()).await?;
+    metrics.keys.set_store(state.keys.store.clone());
+    let state = Arc::new(ArcSwap::from_pointee(state));
+    if let Some(source) = reload {
+        tokio::spawn(reload::serve_reloads(state.clone(), source, shared()));
+    }
     let app = Arc::new(App {
-        proxy: Proxy::new(upstream, keys.clone(), guard, limiter.clone()).with_hardening(hardening),
-        keys: keys.clone(),
+        state: state.clone(),
         metrics,
+        metrics_on_main: admin_listener.is_none(),
     });
 
-    let status = keys.status();
+    let current = state.load();
+    let status = current.keys.store.status();
+    let admin_address = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or("none (on the main listener)".to_string(), |a| format!("http://{a}"));
     tracing::info!(
         listen = %listeners.describe(),
-        upstream = %config.upstream.url,
+        upstream = %current.config.upstream.url,
         key_source = status.source,
         key_fingerprint = status.fingerprint.as_deref().unwrap_or("none yet"),
-        limits = %limiter.describe(),
+        limits = %current.limiter.describe(),
+        admin = %admin_address,
         "smallest-proxy serving"
     );
+    drop(current);
     // Listening, and the first key fetch has been attempted: tell systemd (Type=notify).
     let key_state = match &status.fingerprint {
         Some(fingerprint) => format!("key from {} loaded ({fingerprint})", status.source),
@@ -160,16 +196,40 @@ pub async fn run_with_reload(
     ));
     systemd::spawn_watchdog();
 
+    if let Some(listener) = admin_listener {
+        let app = app.clone();
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::new(move |req: &Request<Incoming>| app.handle_admin(req)),
+            token.clone(),
+        ));
+    }
+
     let cancel = token.clone();
+    let close_tunnels = tunnels.close.clone();
     tokio::spawn(async move {
         shutdown.await;
         systemd::notify("STOPPING=1\nSTATUS=draining");
         cancel.cancel();
+        // WebSocket tunnels get the whole drain, then a Close(1001).
+        tokio::time::sleep(drain_timeout).await;
+        close_tunnels.cancel();
     });
-    server::serve(app, listeners, token.clone(), &config.listen).await;
+    server::serve(app, listeners, token.clone(), &listen).await;
     token.cancel();
-    if let Some(refresher) = refresher {
-        let _ = refresher.await;
+    tunnels.tracker.close();
+    if !tunnels.tracker.is_empty() {
+        tracing::info!(
+            open = tunnels.tracker.len(),
+            "waiting for WebSocket tunnels (closed with 1001 at the drain deadline)"
+        );
+        let bound = drain_timeout + proxy::tunnel::BOUNDARY_GRACE + proxy::tunnel::CLOSE_REPLY_WAIT * 2;
+        if tokio::time::timeout(bound, tunnels.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = tunnels.tracker.len(),
+                "WebSocket tunnels still open; exiting anyway"
+            );
+        }
     }
     tracing::info!("smallest-proxy stopped");
     Ok(())

@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
+use smallest_proxy::reload::{LogControl, ReloadSource, SetLogLevel};
 use smallest_proxy::Listeners;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,8 +73,13 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            init_logging(&config);
-            match run(config) {
+            let log = init_logging(&config);
+            let reload_from = ReloadFrom {
+                config_path: cli.config.clone(),
+                vars,
+                log,
+            };
+            match run(config, reload_from) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -85,7 +91,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// What a SIGHUP reload re-reads: the same file and environment as at start.
+struct ReloadFrom {
+    config_path: Option<PathBuf>,
+    vars: Vec<(String, String)>,
+    log: LogControl,
+}
+
+fn run(config: Config, reload_from: ReloadFrom) -> anyhow::Result<()> {
     // Before the runtime starts threads: this also clears the LISTEN_* variables.
     let inherited = smallest_proxy::systemd::inherited_sockets().context("taking the sockets systemd passed")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -98,12 +111,18 @@ fn run(config: Config) -> anyhow::Result<()> {
             Some(sockets) => sockets.into_listeners()?,
             None => Listeners::bind(&config.listen).await?,
         };
-        smallest_proxy::run_with_reload(config, listeners, shutdown_signal(), Some(reload_signal()?)).await?;
+        let reload = ReloadSource {
+            requests: reload_signal()?,
+            config_path: reload_from.config_path,
+            vars: reload_from.vars,
+            log: Some(reload_from.log),
+        };
+        smallest_proxy::run_with_reload(config, listeners, shutdown_signal(), Some(reload)).await?;
         Ok(())
     })
 }
 
-/// SIGHUP: each one asks the running proxy to reload (refresh the key now).
+/// SIGHUP: each one asks the running proxy to reload (re-read the config, refresh the key).
 fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -139,9 +158,11 @@ async fn shutdown_signal() {
     });
 }
 
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .ok()
+/// Install the subscriber; the returned control lets a reload change `log.level` in place.
+fn init_logging(config: &Config) -> LogControl {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let rust_log_set = from_env.is_some();
+    let filter = from_env
         .or_else(|| config.log.level.as_deref().and_then(|l| EnvFilter::try_new(l).ok()))
         .unwrap_or_else(|| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -149,9 +170,30 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // The two formats are different subscriber types: each gets its own reload handle.
+    let set_level: SetLogLevel = match config.log.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+    };
+    LogControl {
+        rust_log_set,
+        set_level,
     }
 }
 

@@ -4,12 +4,18 @@
 //! gauges and histograms once at start (a clone shares the same atomic), so counting costs an
 //! atomic add. Labels are class names, reasons and status codes: never a key, token or path.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use arc_swap::ArcSwapOption;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::keys::KeyStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
@@ -30,6 +36,24 @@ pub struct ThrottleLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub class: String,
+    /// The status the client got (from the upstream or from the proxy itself).
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~65 s: from a cached voice list to a long TTS stream.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 fn wait_histogram() -> Histogram {
     // 1 ms to ~65 s: queue waits range from nothing to a full queue_timeout.
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -46,6 +70,16 @@ pub struct Metrics {
     pub upstream_throttled: Family<ThrottleLabels, Counter>,
     pub upstream_retries: Family<ClassLabel, Counter>,
     pub redis_fallbacks: Counter,
+    pub requests: Family<RequestLabels, Counter>,
+    /// From the request head to the end of the response body (the whole stream).
+    pub request_duration: Family<ClassLabel, Histogram, fn() -> Histogram>,
+    /// From sending to the upstream to its response head.
+    pub upstream_latency: Family<ClassLabel, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<ClassLabel, Counter>,
+    pub response_bytes: Family<ClassLabel, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    /// The key store in use (swapped by a reload that changes `[key]`), read at scrape time.
+    pub keys: Arc<KeyMetrics>,
 }
 
 impl Default for Metrics {
@@ -67,6 +101,13 @@ impl Metrics {
             upstream_throttled: Family::default(),
             upstream_retries: Family::default(),
             redis_fallbacks: Counter::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            upstream_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            config_reloads: Family::default(),
+            keys: Arc::new(KeyMetrics::default()),
             registry: Registry::default(),
         };
         registry.register(
@@ -114,6 +155,41 @@ impl Metrics {
             "Times shared limits fell back to local ones because Redis failed",
             metrics.redis_fallbacks.clone(),
         );
+        registry.register(
+            "requests",
+            "Requests answered, by limit class and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request head to the end of the response body",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending to the upstream to its response head",
+            metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "request_bytes",
+            "Request body bytes received from clients",
+            metrics.request_bytes.clone(),
+        );
+        registry.register(
+            "response_bytes",
+            "Response body bytes sent to clients",
+            metrics.response_bytes.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP), by result",
+            metrics.config_reloads.clone(),
+        );
+        // Both results exist from the start, so a failure shows as an increase from 0.
+        for result in ["success", "failure"] {
+            let _ = metrics.config_reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register_collector(Box::new(KeyCollector(metrics.keys.clone())));
         Metrics { registry, ..metrics }
     }
 
@@ -124,5 +200,60 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The key's metrics, computed at scrape from the key store in use. A reload that replaces the
+/// store folds the old store's counts into `retired_*`, so the counters never go backwards.
+#[derive(Debug, Default)]
+pub struct KeyMetrics {
+    store: ArcSwapOption<KeyStore>,
+    retired_rotations: AtomicU64,
+    retired_errors: AtomicU64,
+}
+
+impl KeyMetrics {
+    /// Report `store` from now on.
+    pub fn set_store(&self, store: Arc<KeyStore>) {
+        if let Some(old) = self.store.swap(Some(store)) {
+            let status = old.status();
+            self.retired_rotations.fetch_add(status.rotations, Ordering::Relaxed);
+            self.retired_errors.fetch_add(status.refresh_errors, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct KeyCollector(Arc<KeyMetrics>);
+
+impl Collector for KeyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = self.0.store.load().as_ref().map(|store| store.status());
+        let (rotations, errors) = status.as_ref().map_or((0, 0), |s| (s.rotations, s.refresh_errors));
+        let rotations = ConstCounter::new(rotations + self.0.retired_rotations.load(Ordering::Relaxed));
+        rotations.encode(encoder.encode_descriptor(
+            "key_rotations",
+            "Times the key value changed (the first load does not count)",
+            None,
+            rotations.metric_type(),
+        )?)?;
+        let errors = ConstCounter::new(errors + self.0.retired_errors.load(Ordering::Relaxed));
+        errors.encode(encoder.encode_descriptor(
+            "key_refresh_errors",
+            "Failed key fetches",
+            None,
+            errors.metric_type(),
+        )?)?;
+        // Absent until a key is loaded: an age of 0 would read as "just refreshed".
+        if let Some(age) = status.and_then(|s| s.age_seconds) {
+            let age = ConstGauge::new(age as i64);
+            age.encode(encoder.encode_descriptor(
+                "key_age_seconds",
+                "Seconds since the key in use was fetched",
+                None,
+                age.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }

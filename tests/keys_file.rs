@@ -157,5 +157,7 @@ async fn an_open_websocket_keeps_its_key_and_new_requests_get_the_new_one() {
     let handshakes = upstream.state.websocket_handshakes.lock().unwrap().clone();
     assert_eq!(handshakes[0]["authorization"], format!("Bearer {TEST_KEY}").as_str());
     assert_eq!(handshakes[1]["authorization"], "Bearer sk-after-rotation");
+    // Hang up first: the drain waits for open tunnels (up to drain_timeout).
+    drop((ws, second));
     proxy.stop().await;
 }

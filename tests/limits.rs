@@ -271,6 +271,8 @@ async fn websocket_handshakes_beyond_the_cap_wait_then_get_429() {
         .expect("a freed slot admits a new tunnel");
     third.send(Message::Text("again".into())).await.unwrap();
     assert_eq!(third.next().await.unwrap().unwrap(), Message::Text("again".into()));
+    // Hang up first: the drain waits for open tunnels (up to drain_timeout).
+    drop((second, third));
     proxy.stop().await;
 }
 

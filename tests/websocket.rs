@@ -95,6 +95,9 @@ async fn upstream_close_code_reaches_the_client() {
         }
         other => panic!("expected close 4001, got {other:?}"),
     }
+    // Finish the close handshake (the client's reply): until then the tunnel is open, and the
+    // proxy's drain would rightly wait for it.
+    while ws.next().await.is_some() {}
     proxy.stop().await;
 }
 

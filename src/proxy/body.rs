@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::exchange::Exchange;
 use crate::limits::Permit;
 use crate::timeouts::IdleTimer;
 
@@ -35,6 +36,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body streaming from the other side, passed through frame by frame.
     Incoming(Incoming),
+    /// A client's streamed request body, its bytes counted into the request's record.
+    Counted(Incoming, Arc<Exchange>),
     /// An upstream response holding its class's slot: the permit is released the moment the
     /// body ends or fails (or, if the client goes away, when hyper drops the body). The timer
     /// cuts it when the upstream sends nothing for `stream_idle_timeout`.
@@ -46,6 +49,8 @@ pub enum ProxyBody {
         remaining: u64,
         limit: u64,
         exceeded: Arc<AtomicBool>,
+        /// Its bytes are counted into the request's record, as `Counted` does.
+        exchange: Arc<Exchange>,
     },
 }
 
@@ -68,6 +73,15 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Counted(incoming, exchange) => {
+                let polled = Pin::new(incoming).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        exchange.add_request_bytes(data.len() as u64);
+                    }
+                }
+                polled.map_err(Into::into)
+            }
             ProxyBody::Limited(incoming, permit, idle) => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => {
                     if idle.poll_expired(cx) {
@@ -90,10 +104,12 @@ impl Body for ProxyBody {
                 remaining,
                 limit,
                 exceeded,
+                exchange,
             } => {
                 let polled = Pin::new(body).poll_frame(cx).map_err(BodyError::from);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    exchange.add_request_bytes(len);
                     match remaining.checked_sub(len) {
                         Some(left) => *remaining = left,
                         None => {
@@ -112,6 +128,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Incoming(incoming)
+            | ProxyBody::Counted(incoming, _)
             | ProxyBody::Limited(incoming, ..)
             | ProxyBody::Capped { body: incoming, .. } => incoming.is_end_stream(),
         }
@@ -122,6 +139,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(incoming)
+            | ProxyBody::Counted(incoming, _)
             | ProxyBody::Limited(incoming, ..)
             | ProxyBody::Capped { body: incoming, .. } => incoming.size_hint(),
         }

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod request_limits;
 pub mod retry;
 pub mod rewrite;
+pub mod tunnel;
 pub mod upgrade;
 
 use bytes::Bytes;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::exchange::Exchange;
 use crate::keys::KeyStore;
 use crate::limits::{self, Limiter};
 use crate::timeouts::IdleTimer;
@@ -44,6 +46,7 @@ pub struct Proxy {
     guard: Guard,
     limiter: Arc<Limiter>,
     pub(crate) hardening: Hardening,
+    tunnels: tunnel::Tunnels,
 }
 
 /// The issue-6 checks and bounds on the request path, from `[listen]`, `[upstream]` and
@@ -87,6 +90,7 @@ impl Proxy {
             guard,
             limiter,
             hardening: Hardening::default(),
+            tunnels: tunnel::Tunnels::default(),
         }
     }
 
@@ -95,10 +99,28 @@ impl Proxy {
         self
     }
 
+    /// Spawn WebSocket tunnels on `tunnels` (the run's drain tracks and closes them).
+    pub fn with_tunnels(mut self, tunnels: tunnel::Tunnels) -> Proxy {
+        self.tunnels = tunnels;
+        self
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
     /// Forward one client request; never fails (errors are answered as JSON).
-    pub async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ProxyBody> {
+    /// `exchange` is this request's record (access log, metrics): the steps note in it what
+    /// only they know.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        transport: Transport,
+        exchange: &Arc<Exchange>,
+    ) -> Response<ProxyBody> {
         let request_id = request_id(&req);
-        let mut response = match self.forward(req, transport, &request_id).await {
+        exchange.set_request_id(&request_id);
+        let mut response = match self.forward(req, transport, &request_id, exchange).await {
             Ok(response) => response,
             Err(err) => {
                 tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
@@ -118,6 +140,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         transport: Transport,
         request_id: &str,
+        exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&req, transport)?;
         self.hardening.limits.check(&req)?;
@@ -145,7 +168,10 @@ impl Proxy {
             retry::prepare(&headers, body).await?
         };
         let (replayable, mut streaming) = match body {
-            OutgoingBody::Replayable(bytes) => (Some(bytes), None),
+            OutgoingBody::Replayable(bytes) => {
+                exchange.add_request_bytes(bytes.len() as u64);
+                (Some(bytes), None)
+            }
             OutgoingBody::Streaming(incoming) => (None, Some(incoming)),
         };
 
@@ -156,10 +182,12 @@ impl Proxy {
         } else {
             limits::Kind::Request
         };
+        let admitting = std::time::Instant::now();
         let permit = class.admit(kind).await.map_err(|shed| ProxyError::RateLimited {
             message: shed.message(),
             retry_after: shed.retry_after,
         })?;
+        exchange.set_queue_wait(admitting.elapsed());
 
         // Set by a capped streaming body that passed listen.max_body_size.
         let body_too_large = Arc::new(AtomicBool::new(false));
@@ -175,8 +203,9 @@ impl Proxy {
                             remaining: limit,
                             limit,
                             exceeded: body_too_large.clone(),
+                            exchange: exchange.clone(),
                         },
-                        None => ProxyBody::Incoming(incoming),
+                        None => ProxyBody::Counted(incoming, exchange.clone()),
                     };
                     (std::mem::take(&mut headers), body)
                 }
@@ -193,6 +222,7 @@ impl Proxy {
             *upstream_request.version_mut() = Version::HTTP_11;
             *upstream_request.headers_mut() = attempt_headers;
 
+            let sent_at = std::time::Instant::now();
             let sent = self.upstream.send(upstream_request, websocket).await;
             if body_too_large.load(Ordering::SeqCst) {
                 return Err(ProxyError::PayloadTooLarge(format!(
@@ -201,6 +231,7 @@ impl Proxy {
                 )));
             }
             let response = sent?;
+            exchange.set_upstream_latency(sent_at.elapsed());
             if response.status() == StatusCode::UNAUTHORIZED && replayable.is_some() && !resent_after_401 {
                 // The key may have rotated under us: one coalesced refresh, one resend with
                 // the new key if there is one. Never a loop.
@@ -248,6 +279,7 @@ impl Proxy {
                     request_id.to_string(),
                     permit,
                     self.hardening.stream_idle_timeout,
+                    &self.tunnels,
                 ));
             }
         }

@@ -5,8 +5,9 @@
 //!
 //! The tunnel copies bytes, not messages: frames, masking, close codes and negotiated
 //! extensions pass through unchanged in both directions, and the proxy spends no CPU parsing
-//! audio frames it has no business reading. A tunnel with no byte in either direction for
-//! `upstream.stream_idle_timeout` is closed (a dead peer must not hold a WebSocket slot).
+//! audio frames it has no business reading (it reads frame headers only, to know where a Close
+//! frame may go at the drain deadline: see `tunnel`). A tunnel with no byte in either direction
+//! for `upstream.stream_idle_timeout` is closed (a dead peer must not hold a WebSocket slot).
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
+use super::tunnel::{self, Tunnels};
 use crate::limits::Permit;
 use crate::timeouts::{until_idle, Activity, ActivityIo};
 
@@ -47,23 +49,25 @@ pub fn open_tunnel(
     request_id: String,
     permit: Permit,
     idle_timeout: Duration,
+    tunnels: &Tunnels,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     restore_upgrade_headers(&mut parts.headers);
-    tokio::spawn(async move {
+    let close = tunnels.close.clone();
+    // On the run's tunnel tracker, so the drain waits for it (and closes it at the deadline).
+    tunnels.tracker.spawn(async move {
         // The WebSocket slot is held for exactly the tunnel's life.
         let _permit = permit;
         let (client, upstream) = tokio::join!(client, upstream);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
                 let activity = Activity::new();
-                let mut client = ActivityIo::new(TokioIo::new(client), activity.clone());
-                let mut upstream = TokioIo::new(upstream);
+                let client = ActivityIo::new(TokioIo::new(client), activity.clone());
                 tokio::select! {
-                    copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
-                        Ok((sent, received)) => tracing::debug!(request_id, sent, received, "websocket tunnel closed"),
+                    ran = tunnel::run(client, TokioIo::new(upstream), close) => match ran {
+                        Ok(how) => tracing::debug!(request_id, how, "websocket tunnel closed"),
                         Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
                     },
                     _ = until_idle(&activity, idle_timeout) => {

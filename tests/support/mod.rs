@@ -304,6 +304,11 @@ impl ProxyProcess {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The config file the process was started with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("proxy.toml")
+    }
+
     /// Peak resident set size (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
