@@ -179,7 +179,12 @@ where
             let _ = to.shutdown().await;
             return Ok(PumpEnd::Eof);
         }
-        let forward = tracker.advance(&buf[..n], closing);
+        // The deadline may have passed while this read completed (select! picks either ready
+        // branch): these bytes already count as read after it.
+        if grace_ends.is_none() && close.is_cancelled() {
+            grace_ends = Some(tokio::time::Instant::now() + BOUNDARY_GRACE);
+        }
+        let forward = tracker.advance(&buf[..n], grace_ends.is_some());
         to.write_all(&buf[..forward]).await?;
         // Anything after the boundary belongs to frames the other side will not get: the tunnel
         // is closing.
