@@ -336,7 +336,8 @@ emit "{\"scenario\":\"idle_connections\",\"arm\":\"ours\",$(taskset -c 0 "$tool"
 emit "{\"scenario\":\"idle_connections\",\"arm\":\"nginx\",$(taskset -c 0 "$tool" idle "127.0.0.1:$np_api" / "$idle_n" "$nginx_worker" | cut -c2-)"
 
 machine="$(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r)"
-command_line="benches/run.sh$([ "$quick" = 1 ] && echo " --quick")$([ "$pairs" != 3 ] && [ "$quick" = 0 ] && echo " --pairs $pairs")"
+command_line="benches/run.sh"
+if [ "$quick" = 1 ]; then command_line+=" --quick"; elif [ "$pairs" != 3 ]; then command_line+=" --pairs $pairs"; fi
 python3 "$root/benches/summarize.py" "$jsonl" --machine "$machine" --load "$load" --command "$command_line" \
   --upstream-h2 "${BENCH_UPSTREAM_H2:-0}" > "$work/table.md"
 cat "$work/table.md"
