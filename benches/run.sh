@@ -7,6 +7,7 @@
 #   --quick          one pair, short runs (a smoke run; figures are noisy)
 #   --write-results  also rewrite benches/RESULTS.md from this run
 #   BENCH_ALLOW_BUSY=1  run even when the 1-minute load average is above 0.5
+#   BENCH_HOLD=1        start everything, print the pids and ports, and wait 10 minutes (profiling)
 #   BENCH_UPSTREAM_H2=1 let the upstream nginx offer HTTP/2 (ALPN h2): smallest-proxy then
 #                       multiplexes over h2 while nginx (which proxies in HTTP/1.1 only) does not
 #
@@ -226,6 +227,13 @@ for _ in $(seq 1 100); do nginx_worker=$(pgrep -P "$nginx_master" | head -n1 || 
 for url in "http://127.0.0.1:$ours_api_port/" "http://127.0.0.1:$np_api/"; do
   curl -sf -o /dev/null "$url" || { echo "warm-up request to $url failed; logs in $work" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
 done
+
+# For profiling (perf, strace): keep everything up for up to 10 minutes and print where it is.
+if [ "${BENCH_HOLD:-0}" = 1 ]; then
+  echo "holding: ours pid $ours_api http://127.0.0.1:$ours_api_port ; nginx worker $nginx_worker http://127.0.0.1:$np_api ; oha $oha ; work $work"
+  sleep 600 || true
+  exit 0
+fi
 
 # ---- measurement helpers ----
 cpu_ns() { local s=0 p v; for p in "$@"; do for v in $(cut -d' ' -f1 /proc/"$p"/task/*/schedstat 2>/dev/null); do s=$((s+v)); done; done; echo "$s"; }

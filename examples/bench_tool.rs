@@ -40,7 +40,8 @@ fn main() -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let arg = |i: usize| -> Result<&str, BoxError> {
         args.get(i).map(String::as_str).ok_or_else(|| {
-            "usage: bench_tool upstream CERT KEY PORT_FILE | sse URL STREAMS | ws URL N | idle ADDR PATH N PID...".into()
+            "usage: bench_tool upstream CERT KEY PORT_FILE | sse URL STREAMS | ws URL N | idle ADDR PATH N PID..."
+                .into()
         })
     };
     match arg(0)? {
@@ -56,9 +57,7 @@ fn main() -> Result<(), BoxError> {
 }
 
 fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 fn loopback(addr: SocketAddr) -> Result<SocketAddr, BoxError> {
@@ -189,7 +188,9 @@ async fn sse(url: &str, streams: usize) -> Result<(), BoxError> {
         let mut pending = Vec::new();
         let mut events = 0;
         while events < SSE_EVENTS {
-            let Some(frame) = tokio::time::timeout(STEP_TIMEOUT, response.frame()).await? else { break };
+            let Some(frame) = tokio::time::timeout(STEP_TIMEOUT, response.frame()).await? else {
+                break;
+            };
             let Ok(data) = frame?.into_data() else { continue };
             let received = now_ns();
             pending.extend_from_slice(&data);
@@ -259,11 +260,7 @@ fn rss_kib(pids: &[u32]) -> Result<u64, BoxError> {
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
             .ok_or("no VmRSS line")?;
-        total += line
-            .split_whitespace()
-            .nth(1)
-            .ok_or("bad VmRSS line")?
-            .parse::<u64>()?;
+        total += line.split_whitespace().nth(1).ok_or("bad VmRSS line")?.parse::<u64>()?;
     }
     Ok(total)
 }
@@ -280,7 +277,9 @@ async fn one_request(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Re
             return Err("the connection closed before the response ended".into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
         if !head.starts_with("http/1.1 200") {
             return Err(format!("answered {}", head.lines().next().unwrap_or("")).into());
