@@ -247,8 +247,9 @@ jsonl="$results_dir/$stamp.jsonl"
 emit() { echo "$1" >> "$jsonl"; }
 
 # Idle RSS of each proxy (nginx: the worker, which does all the work; its master is not counted).
-emit "{\"scenario\":\"idle\",\"arm\":\"ours\",\"rss_kib\":$(status_kib "$ours_api" VmRSS)}"
-emit "{\"scenario\":\"idle\",\"arm\":\"nginx\",\"rss_kib\":$(status_kib "$nginx_worker" VmRSS)}"
+# RssAnon is the process's own memory; the rest of VmRSS is file pages (code, shared libraries).
+emit "{\"scenario\":\"idle\",\"arm\":\"ours\",\"rss_kib\":$(status_kib "$ours_api" VmRSS),\"anon_kib\":$(status_kib "$ours_api" RssAnon)}"
+emit "{\"scenario\":\"idle\",\"arm\":\"nginx\",\"rss_kib\":$(status_kib "$nginx_worker" VmRSS),\"anon_kib\":$(status_kib "$nginx_worker" RssAnon)}"
 
 post_lua="$work/post.lua"
 printf 'wrk.method = "POST"\nwrk.body = [[%s]]\nwrk.headers["Content-Type"] = "application/json"\n' "$(cat "$work/small.json")" > "$post_lua"
@@ -315,8 +316,8 @@ run_tool() { # $1 scenario, $2 arm, $3 pair, then the bench_tool arguments (@POR
 scenarios() { # $1 arm, $2 pair
   local a=$1 i=$2
   local url="http://127.0.0.1:@PORT@/waves/v1/lightning/get_speech"
-  run_load rate1000 "$a" "$i" req 0 "$oha" --no-tui "${oha_json[@]}" -z "${secs}s" -c 16 -q 1000 --latency-correction -m POST -T application/json -D "$work/small.json" "$url"
-  run_load rate5000 "$a" "$i" req 0 "$oha" --no-tui "${oha_json[@]}" -z "${secs}s" -c 32 -q 5000 --latency-correction -m POST -T application/json -D "$work/small.json" "$url"
+  run_load rate1000 "$a" "$i" req 0 "$oha" --no-tui "${oha_json[@]}" -z "${secs}s" -w -c 16 -q 1000 --latency-correction -m POST -T application/json -D "$work/small.json" "$url"
+  run_load rate5000 "$a" "$i" req 0 "$oha" --no-tui "${oha_json[@]}" -z "${secs}s" -w -c 32 -q 5000 --latency-correction -m POST -T application/json -D "$work/small.json" "$url"
   run_load saturated "$a" "$i" req 0 wrk -t1 -c32 -d"${secs}s" --latency -s "$post_lua" "$url"
   run_load serial "$a" "$i" req 0 wrk -t1 -c1 -d"${serial_secs}s" --latency -s "$post_lua" "$url"
   run_load upload_1mib "$a" "$i" mib 1 "$oha" --no-tui "${oha_json[@]}" -n "$big_n" -c 4 -m POST -T application/octet-stream -D "$work/1mib.bin" "http://127.0.0.1:@PORT@/upload"

@@ -31,6 +31,8 @@ def values(scenario, arm, figure):
                 out.append(r["cpu_ns"] / 1e3 / done)
         elif figure == "rss_mib":
             out.append(r["rss_kib"] / 1024)
+        elif figure == "anon_mib" and "anon_kib" in r:
+            out.append(r["anon_kib"] / 1024)
         elif figure == "peak_mib":
             out.append(r["rss_peak_kib"] / 1024)
         elif figure in r:
@@ -82,6 +84,7 @@ LINES = [
     ("websocket", "rtt_median_us", "WebSocket echo: median round trip µs", "le_nginx", None),
     ("websocket", "rtt_p99_us", "WebSocket echo: p99 round trip µs", None, None),
     ("idle", "rss_mib", "idle RSS MiB", "le", 10.0 * 1000 * 1000 / 1024 / 1024),
+    ("idle", "anon_mib", "idle RSS MiB, anonymous part (the rest is code pages)", None, None),
     ("idle_connections", "bytes_per_connection", "idle keep-alive connection: bytes each", "le", 8000.0),
 ]
 
@@ -89,7 +92,14 @@ out = []
 pairs = max((r.get("pair", 0) for r in rows), default=0)
 out.append("# Benchmark results: smallest-proxy vs nginx doing the same job\n")
 out.append(f"Command: `{a.command}` (regenerate this file with `benches/run.sh --write-results`).  ")
-out.append(f"Machine: {a.machine}; 1-minute load average at start: {a.load}.  ")
+busy = ""
+try:
+    if float(a.load) > 0.5:
+        busy = (" **The machine was busy (run with BENCH_ALLOW_BUSY=1): other processes shared both "
+                "CPUs, so CPU and latency figures are inflated and noisy; rerun on a quiet machine.**")
+except ValueError:
+    pass
+out.append(f"Machine: {a.machine}; 1-minute load average at start: {a.load}.{busy}  ")
 out.append(
     "Placement: load generators (oha, wrk, bench_tool) and upstreams (nginx TLS 1.3, bench_tool "
     "SSE/WebSocket) on CPU 0; each proxy on CPU 1 (taskset). "
@@ -101,7 +111,9 @@ out.append(
        else "HTTP/1.1 for both (the upstream does not offer h2)")
     + ". CPU is the sum of /proc/PID/task/*/schedstat over each run (nginx: master + worker); "
     "RSS is VmRSS (nginx: its worker only), peak is VmHWM reset before each run. Both compare "
-    "p50s on the same path, so the p50 difference is the difference in added latency.\n"
+    "p50s on the same path, so the p50 difference is the difference in added latency. "
+    "nginx touches its whole connection table (worker_connections 8192) at start, so its idle "
+    "RSS already holds what its idle connections use.\n"
 )
 out.append("| Figure | smallest-proxy | nginx | ours ÷ nginx | Target | Met |")
 out.append("|---|---|---|---|---|---|")
