@@ -101,10 +101,16 @@ struct ReloadFrom {
 fn run(config: Config, reload_from: ReloadFrom) -> anyhow::Result<()> {
     // Before the runtime starts threads: this also clears the LISTEN_* variables.
     let inherited = smallest_proxy::systemd::inherited_sockets().context("taking the sockets systemd passed")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    // Confined to one CPU (taskset, a cpuset, a one-CPU container quota), the multi-thread
+    // scheduler runs one worker and only adds cross-thread handoffs: the current-thread
+    // scheduler does the same work for less CPU per request (benches/RESULTS.md).
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut runtime = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = runtime.enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
         // Sockets from systemd (a .socket unit) take the place of [listen].
         let listeners = match inherited {
