@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenConfig;
+use crate::proxy::framing::{self, FramingTap};
 use crate::proxy::guard::Transport;
 use crate::App;
 
@@ -212,9 +213,17 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Framing hyper would resolve silently (CL+TE, duplicate CL) is refused before anything else.
+    let (stream, framing) = FramingTap::new(stream);
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.handle(req, transport).await) }
+        let refusal = framing.take().map(|reason| framing::refuse(reason, &req));
+        async move {
+            Ok::<_, Infallible>(match refusal {
+                Some(refusal) => refusal,
+                None => app.handle(req, transport).await,
+            })
+        }
     });
     let mut builder = http1::Builder::new();
     builder

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod framing;
 pub mod guard;
 pub mod retry;
 pub mod rewrite;
@@ -186,7 +187,7 @@ impl Proxy {
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh random one.
-fn request_id<B>(req: &Request<B>) -> String {
+pub(crate) fn request_id<B>(req: &Request<B>) -> String {
     if let Some(given) = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
         if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
             return given.to_string();
