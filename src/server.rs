@@ -214,10 +214,10 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Framing hyper would resolve silently (CL+TE, duplicate CL) is refused before anything else.
-    let (stream, framing) = FramingTap::new(stream);
+    let (stream, verdicts) = FramingTap::new(stream);
     let service = service_fn(move |req| {
         let app = app.clone();
-        let refusal = framing.take().map(|reason| framing::refuse(reason, &req));
+        let refusal = verdicts.take().map(|reason| framing::refuse(reason, &req));
         async move {
             Ok::<_, Infallible>(match refusal {
                 Some(refusal) => refusal,
