@@ -234,7 +234,8 @@ fn judge(request: &httparse::Request<'_, '_>) -> (Verdict, State) {
             State::Stopped,
         );
     }
-    if !transfer_encodings.is_empty() && !(transfer_encodings.len() == 1 && is_plain_chunked(transfer_encodings[0])) {
+    let plain_chunked = matches!(transfer_encodings[..], [only] if is_plain_chunked(only));
+    if !transfer_encodings.is_empty() && !plain_chunked {
         return (
             Verdict::Refuse("Transfer-Encoding must be exactly \"chunked\" (one header, one coding)"),
             State::Stopped,
