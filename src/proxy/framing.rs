@@ -31,8 +31,8 @@ use crate::error::ProxyError;
 
 /// Largest request head the tap buffers; hyper refuses bigger ones itself (its read buffer).
 const MAX_WATCHED_HEAD: usize = 512 * 1024;
-/// Headers the tap parses per head; a head with more is left to hyper (it allows 100).
-const MAX_WATCHED_HEADERS: usize = 256;
+/// Headers the tap parses per head (hyper allows 100); a head with more is left to hyper.
+const MAX_WATCHED_HEADERS: usize = 128;
 /// Verdicts queued ahead of the service (a deep pipeline); past this the tap stops watching.
 const MAX_QUEUED_VERDICTS: usize = 1024;
 
