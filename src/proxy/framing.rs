@@ -462,4 +462,65 @@ GET /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
         assert_eq!(next_chunk_state(Chunk::SizeLf(1), b'x'), None);
         assert_eq!(next_chunk_state(Chunk::Size(u64::MAX), b'f'), None);
     }
+
+    use proptest::prelude::*;
+
+    /// One valid request with a body framed by `Content-Length` (when `chunks` is `None`) or
+    /// chunked in the given chunk sizes; bodies may contain anything, heads included.
+    fn request(body: &[u8], chunks: Option<Vec<usize>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        match chunks {
+            None => {
+                out.extend_from_slice(format!("POST /p HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+                out.extend_from_slice(body);
+            }
+            Some(sizes) => {
+                out.extend_from_slice(b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let mut rest = body;
+                for size in sizes {
+                    let n = size.min(rest.len());
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(format!("{n:X};x=y\r\n").as_bytes());
+                    out.extend_from_slice(&rest[..n]);
+                    out.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                if !rest.is_empty() {
+                    out.extend_from_slice(format!("{:x}\r\n", rest.len()).as_bytes());
+                    out.extend_from_slice(rest);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\nX-T: 1\r\n\r\n");
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// However a keep-alive stream of valid requests is split into reads, the tap finds
+        /// every head, accepts each, and ends between messages.
+        #[test]
+        fn valid_pipelines_stay_aligned_across_any_read_split(
+            requests in proptest::collection::vec(
+                (
+                    proptest::collection::vec(any::<u8>(), 0..200),
+                    proptest::option::of(proptest::collection::vec(1usize..40, 0..6)),
+                ),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let stream: Vec<u8> = requests.iter().flat_map(|(body, chunks)| request(body, chunks.clone())).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+            let (verdicts, state) = verdicts_for(&pieces);
+            prop_assert_eq!(verdicts, vec![Verdict::Accept; requests.len()]);
+            prop_assert_eq!(state, State::Head);
+        }
+    }
 }
