@@ -283,6 +283,9 @@ fn arbitrary_and_mutated_requests_never_panic_hang_or_reach_the_upstream_invalid
     let mut runner = TestRunner::new(ProptestConfig {
         cases: 600,
         failure_persistence: None,
+        // Each shrink step replays a connection; keep a failing run short and its report small.
+        max_shrink_iters: 64,
+        max_shrink_time: 20_000,
         ..ProptestConfig::default()
     });
     let result = runner.run(&case(), |(bytes, half_close)| {
