@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenConfig;
+use crate::exchange::ObservedBody;
 use crate::proxy::caller::ConnInfo;
+use crate::proxy::framing::{self, FramingTap};
 use crate::proxy::request_limits::RequestLimits;
 use crate::timeouts::{watch_connection, Activity, ActivityIo, ConnDeadline, Tracked};
 use crate::App;
@@ -258,15 +260,24 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Framing hyper would resolve silently (CL+TE, duplicate CL) is refused before anything else.
+    let (stream, verdicts) = FramingTap::new(stream);
     let activity = Activity::new();
     let service_activity = activity.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         // Held from here until hyper has written (or dropped) the response body.
         let in_flight = service_activity.request_started();
+        let refusal = verdicts.take().map(|reason| framing::refuse(reason, &req));
         req.extensions_mut().insert(conn);
         async move {
-            let response = app.handle(req, conn.transport).await;
+            let response = match refusal {
+                Some(refusal) => {
+                    let status = refusal.status();
+                    refusal.map(|body| ObservedBody::new(body, status, None))
+                }
+                None => app.handle(req, conn.transport).await,
+            };
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });

@@ -10,6 +10,7 @@
 pub mod body;
 pub mod caller;
 pub mod forward;
+pub mod framing;
 pub mod guard;
 pub mod policy;
 pub mod request_limits;
@@ -163,6 +164,9 @@ impl Proxy {
         }
         let body = if websocket {
             upgrade::restore_upgrade_headers(&mut headers);
+            // A handshake is sent without a body; a client's Content-Length left in place made
+            // the upstream wait for bytes that never come (found by tests/fuzz.rs).
+            headers.remove(http::header::CONTENT_LENGTH);
             OutgoingBody::Replayable(Bytes::new())
         } else {
             retry::prepare(&headers, body).await?
