@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::metrics::{ClassLabel, Metrics, RequestLabels};
+use crate::metrics::{CallerLabels, ClassLabel, Metrics, RequestLabels};
 use crate::proxy::body::{BodyError, ProxyBody};
 
 /// The `tracing` target of access lines, so a filter can route or silence them alone.
@@ -42,7 +42,7 @@ pub struct Exchange {
     /// Without the query string.
     path: String,
     class: Arc<ClassHandles>,
-    /// Hook for the caller's uid (SO_PEERCRED) on a Unix socket; `None` on TCP.
+    /// The caller's uid (SO_PEERCRED) on a Unix socket; `None` on TCP.
     peer_uid: Option<u32>,
     access_log: bool,
     request_bytes: AtomicU64,
@@ -109,6 +109,9 @@ impl Exchange {
             class.upstream_latency.observe(upstream_us as f64 / 1e6);
         }
         class.requests(status.as_u16()).inc();
+        if let Some(uid) = self.peer_uid {
+            class.unix_callers.get_or_create(&CallerLabels { uid }).inc();
+        }
         if !self.access_log {
             return;
         }
@@ -142,6 +145,7 @@ pub struct ClassHandles {
     request_bytes: Counter,
     response_bytes: Counter,
     requests: Family<RequestLabels, Counter>,
+    unix_callers: Family<CallerLabels, Counter>,
 }
 
 impl ClassHandles {
@@ -156,6 +160,7 @@ impl ClassHandles {
             request_bytes: metrics.request_bytes.get_or_create(&label).clone(),
             response_bytes: metrics.response_bytes.get_or_create(&label).clone(),
             requests: metrics.requests.clone(),
+            unix_callers: metrics.unix_callers.clone(),
         }
     }
 

@@ -43,6 +43,13 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// The caller of a request that came over the Unix socket (SO_PEERCRED). A uid is not a
+/// secret, and the set is bounded by the host's users (`listen.allowed_uids` narrows it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabels {
+    pub uid: u32,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `success` or `failure`.
@@ -71,6 +78,8 @@ pub struct Metrics {
     pub upstream_retries: Family<ClassLabel, Counter>,
     pub redis_fallbacks: Counter,
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests over the Unix socket, by the caller's uid.
+    pub unix_callers: Family<CallerLabels, Counter>,
     /// From the request head to the end of the response body (the whole stream).
     pub request_duration: Family<ClassLabel, Histogram, fn() -> Histogram>,
     /// From sending to the upstream to its response head.
@@ -102,6 +111,7 @@ impl Metrics {
             upstream_retries: Family::default(),
             redis_fallbacks: Counter::default(),
             requests: Family::default(),
+            unix_callers: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             request_bytes: Family::default(),
@@ -159,6 +169,11 @@ impl Metrics {
             "requests",
             "Requests answered, by limit class and status",
             metrics.requests.clone(),
+        );
+        registry.register(
+            "unix_caller_requests",
+            "Requests answered over the Unix socket, by the caller's uid",
+            metrics.unix_callers.clone(),
         );
         registry.register(
             "request_duration_seconds",

@@ -339,3 +339,63 @@ async fn the_admin_address_serves_metrics_health_and_ready_and_the_main_port_no_
     assert_eq!(json(&body)["code"], "NOT_FOUND");
     assert!(upstream.records().iter().all(|r| r.uri.path() == "/echo"));
 }
+
+/// The caller's uid on the Unix socket (SO_PEERCRED) shows in its access line and in
+/// `unix_caller_requests_total`; a TCP caller has no uid. The client is the real curl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_callers_uid_is_in_its_access_line_and_the_metrics() {
+    let curl = servers::tool("curl", "apt-get install curl (./scripts/test.sh does)");
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("proxy.sock");
+    let config = proxy_config_text(
+        &upstream.url(),
+        &upstream.pki.ca_file,
+        &key_file(&dir),
+        &format!(
+            "[listen]\nunix_socket = \"{}\"\n[log]\nformat = \"json\"\n",
+            socket.display()
+        ),
+    );
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    let output = std::process::Command::new(curl)
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+        .arg(&socket)
+        .args(["-H", "x-request-id: uid-test-unix", "http://localhost/echo"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200", "{output:?}");
+    let request = Request::get(proxy.url("/echo"))
+        .header("x-request-id", "uid-test-tcp")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(request).await.0, 200);
+    proxy.wait_for_log("uid-test-unix", 1, std::time::Duration::from_secs(10));
+    proxy.wait_for_log("uid-test-tcp", 1, std::time::Duration::from_secs(10));
+
+    let uid = unsafe { libc::getuid() };
+    let access: Vec<serde_json::Value> = proxy
+        .stderr_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "smallest_proxy::access")
+        .collect();
+    let line = |id: &str| {
+        access
+            .iter()
+            .find(|l| l["fields"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}: {access:?}"))
+            .clone()
+    };
+    assert_eq!(line("uid-test-unix")["fields"]["uid"], uid);
+    assert!(line("uid-test-tcp")["fields"].get("uid").is_none());
+    let samples = parsed_metrics(&proxy.url("")).await;
+    assert_eq!(
+        sample(
+            &samples,
+            "smallest_proxy_unix_caller_requests_total",
+            &[("uid", &uid.to_string())]
+        ),
+        Some(1.0)
+    );
+}
