@@ -13,6 +13,9 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
 command -v musl-gcc >/dev/null 2>&1 || need_apt+=(musl-tools)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# tests/process.rs runs Debian's python3 and setpriv as uid 65534 (a pyenv python under /root is not readable there).
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
+command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${need_apt[*]}"

@@ -6,19 +6,7 @@ mod support;
 use support::*;
 
 fn python() -> String {
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let candidate = if std::path::Path::new(venv).exists() {
-        venv.to_string()
-    } else {
-        "python3".to_string()
-    };
-    let check = std::process::Command::new(&candidate)
-        .args(["-c", "import httpx, websockets"])
-        .output();
-    match check {
-        Ok(out) if out.status.success() => candidate,
-        _ => panic!("Python with httpx and websockets is missing: run ./scripts/test.sh (it installs them into .venv)"),
-    }
+    python_with("httpx, websockets")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,21 +9,7 @@ use http_body_util::Full;
 use support::*;
 
 fn python_with_prometheus_client() -> String {
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let candidate = if std::path::Path::new(venv).exists() {
-        venv.to_string()
-    } else {
-        "python3".to_string()
-    };
-    let check = std::process::Command::new(&candidate)
-        .args(["-c", "import prometheus_client.openmetrics.parser"])
-        .output();
-    match check {
-        Ok(out) if out.status.success() => candidate,
-        _ => panic!(
-            "Python with prometheus_client is missing: run ./scripts/test.sh (it installs scripts/test-requirements.txt into .venv)"
-        ),
-    }
+    python_with("prometheus_client.openmetrics.parser")
 }
 
 /// `/metrics` at `base`, through the strict OpenMetrics parser: every sample.

@@ -356,3 +356,23 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The project's `.venv` Python (else `python3`), checked to import `modules` (e.g. "httpx,
+/// websockets"); fails saying how to get them.
+pub fn python_with(modules: &str) -> String {
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let candidate = if std::path::Path::new(venv).exists() {
+        venv.to_string()
+    } else {
+        "python3".to_string()
+    };
+    let check = Command::new(&candidate)
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    match check {
+        Ok(out) if out.status.success() => candidate,
+        _ => panic!(
+            "Python with {modules} is missing: run ./scripts/test.sh (it installs scripts/test-requirements.txt into .venv)"
+        ),
+    }
+}
