@@ -551,7 +551,10 @@ async fn past_max_connections_a_client_waits_until_a_slot_frees() {
         .unwrap();
     let mut early = [0u8; 1];
     let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut early)).await;
-    assert!(waited.is_err(), "a third connection was answered past max_connections: {waited:?}");
+    assert!(
+        waited.is_err(),
+        "a third connection was answered past max_connections: {waited:?}"
+    );
 
     // Closing one of the two frees its slot: the waiting request is served.
     drop(first);
@@ -604,7 +607,10 @@ async fn an_upstream_that_never_completes_the_connect_is_504_after_connect_timeo
     assert_eq!(body["code"], "UPSTREAM_TIMEOUT", "{body}");
     let message = body["error"].as_str().unwrap_or_default();
     assert!(message.contains("connecting"), "{body}");
-    assert!(took >= Duration::from_millis(300), "answered after {took:?}, before the connect timeout");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered after {took:?}, before the connect timeout"
+    );
     proxy.stop().await;
 }
 
