@@ -524,3 +524,115 @@ async fn a_silent_websocket_tunnel_is_closed_and_a_busy_one_is_not() {
     assert!(ended.is_ok(), "the silent tunnel is still open");
     proxy.stop().await;
 }
+
+/// Send one keep-alive GET on `stream` and return the raw response.
+async fn keep_alive_get(stream: &mut tokio::net::TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    read_one_response(stream).await
+}
+
+#[tokio::test]
+async fn past_max_connections_a_client_waits_until_a_slot_frees() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "[listen]\nmax_connections = 2\n").await;
+    // Two kept-alive connections, each having completed a request, hold both slots. (The
+    // start-up /health connection may still hold one for a moment: these then wait for it.)
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(status_of(&keep_alive_get(&mut first, "/api/v1/voices").await), 200);
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(status_of(&keep_alive_get(&mut second, "/api/v1/voices").await), 200);
+
+    // The third connects (the kernel backlog takes it) but is not served while both are open.
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    third
+        .write_all(b"GET /api/v1/voices HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut early = [0u8; 1];
+    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut early)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection was answered past max_connections: {waited:?}"
+    );
+
+    // Closing one of the two frees its slot: the waiting request is served.
+    drop(first);
+    let response = read_one_response(&mut third).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    assert_eq!(status_of(&keep_alive_get(&mut second, "/api/v1/voices").await), 200);
+    proxy.stop().await;
+}
+
+/// A loopback listener that never accepts and whose accept queue is full: further connects
+/// to it get no SYN-ACK on Linux (the kernel drops SYNs to a listener with a full queue),
+/// so they hang until the connector's own timeout. Returns the port and the sockets that
+/// fill the queue (keep them alive).
+fn unanswering_listener() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // Connect until one attempt goes unanswered: the queue is then full.
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(stream) => fillers.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (listener, fillers),
+            Err(e) => panic!("filling the accept queue of {addr}: {e}"),
+        }
+    }
+    panic!("{addr} kept completing connects with a listen backlog of 0; cannot make connects stall here");
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_completes_the_connect_is_504_after_connect_timeout() {
+    let (listener, _fillers) = unanswering_listener();
+    let port = listener.local_addr().unwrap().port();
+    let pki = support::upstream::TestPki::new();
+    // The response timeout is far longer: only the connect timeout can answer within it.
+    let proxy = TestProxy::start_for(
+        &format!("https://127.0.0.1:{port}"),
+        &pki.ca_file,
+        "[upstream]\nconnect_timeout = \"300ms\"\nresponse_timeout = \"30s\"\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = tokio::time::timeout(BOUND, get(&proxy.url("/api/v1/voices")))
+        .await
+        .expect("an answer before the response timeout");
+    let took = started.elapsed();
+    let body = json(&body);
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_TIMEOUT", "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("connecting"), "{body}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered after {took:?}, before the connect timeout"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn idle_pooled_upstream_connections_expire_after_pool_idle_timeout() {
+    for http2 in [true, false] {
+        let upstream = TestUpstream::start_with(UpstreamOptions { http2 }).await;
+        let proxy = TestProxy::start(&upstream, "[upstream]\npool_idle_timeout = \"300ms\"\n").await;
+        // Back to back, the second request reuses the pooled connection.
+        for _ in 0..2 {
+            let (status, _, _) = get(&proxy.url("/api/v1/voices")).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!(upstream.connections(), 1, "h2={http2}: not reused");
+        assert_eq!(upstream.closed_connections(), 0, "h2={http2}");
+
+        // Idle past the timeout, the pool closes it (the default would keep it for 90 s, far
+        // past this wait's bound), and the next request needs a new connection.
+        upstream.state.wait_closed_connections(1).await;
+        let (status, _, _) = get(&proxy.url("/api/v1/voices")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(upstream.connections(), 2, "h2={http2}: no new connection");
+        proxy.stop().await;
+    }
+}

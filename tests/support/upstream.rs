@@ -84,6 +84,9 @@ impl Default for UpstreamOptions {
 pub struct UpstreamState {
     pub records: Mutex<Vec<Recorded>>,
     pub connections: AtomicUsize,
+    /// Connections that have ended (closed by either side, or failed their TLS handshake);
+    /// tests wait on it.
+    pub closed_connections: tokio::sync::watch::Sender<usize>,
     /// `/sse` sends its first event, then waits for this before the rest.
     pub sse_release: Notify,
     /// Set once `/sse` has written its last event.
@@ -122,6 +125,15 @@ impl Default for Hold {
     }
 }
 
+/// Counts one upstream connection as ended when dropped.
+struct ConnectionEnded(Arc<UpstreamState>);
+
+impl Drop for ConnectionEnded {
+    fn drop(&mut self) {
+        self.0.closed_connections.send_modify(|n| *n += 1);
+    }
+}
+
 /// Counts a request in flight from arrival to response head.
 struct InFlight<'a>(&'a UpstreamState);
 
@@ -154,6 +166,15 @@ impl UpstreamState {
         tokio::time::timeout(std::time::Duration::from_secs(30), rx.wait_for(|count| *count >= n))
             .await
             .unwrap_or_else(|_| panic!("upstream did not see {n} requests within 30 s"))
+            .expect("watch closed");
+    }
+
+    /// Wait until at least `n` connections have ended (bounded).
+    pub async fn wait_closed_connections(&self, n: usize) {
+        let mut rx = self.closed_connections.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(30), rx.wait_for(|count| *count >= n))
+            .await
+            .unwrap_or_else(|_| panic!("upstream did not see {n} connections end within 30 s"))
             .expect("watch closed");
     }
 
@@ -209,6 +230,8 @@ impl TestUpstream {
                 let acceptor = acceptor.clone();
                 let state = accept_state.clone();
                 tokio::spawn(async move {
+                    // Counts the connection as ended however this task finishes.
+                    let _ended = ConnectionEnded(state.clone());
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = service_fn(move |req| handle(req, state.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -231,6 +254,11 @@ impl TestUpstream {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections that have ended so far.
+    pub fn closed_connections(&self) -> usize {
+        *self.state.closed_connections.borrow()
     }
 }
 
