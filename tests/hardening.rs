@@ -618,7 +618,7 @@ async fn an_upstream_that_never_completes_the_connect_is_504_after_connect_timeo
 async fn idle_pooled_upstream_connections_expire_after_pool_idle_timeout() {
     for http2 in [true, false] {
         let upstream = TestUpstream::start_with(UpstreamOptions { http2 }).await;
-        let proxy = TestProxy::start(&upstream, "[upstream]\npool_idle_timeout = \"300ms\"\n").await;
+        let proxy = TestProxy::start(&upstream, "[upstream]\npool_idle_timeout = \"1s\"\n").await;
         // Back to back, the second request reuses the pooled connection.
         for _ in 0..2 {
             let (status, _, _) = get(&proxy.url("/api/v1/voices")).await;
