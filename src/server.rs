@@ -258,7 +258,7 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new();
+    let activity = Activity::for_connection();
     let service_activity = activity.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
