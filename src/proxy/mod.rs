@@ -158,6 +158,7 @@ impl Proxy {
         let method = parts.method;
         let mut headers = parts.headers;
         rewrite::strip_client_headers(&mut headers);
+        rewrite::set_upstream_host(&mut headers, &self.upstream.base);
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, id);
         }
