@@ -93,8 +93,11 @@ impl Exchange {
         self.upstream_us.store(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Kept for the access line only (no copy when the access log is off).
     pub fn set_request_id(&self, id: &str) {
-        let _ = self.request_id.set(id.to_string());
+        if self.access_log {
+            let _ = self.request_id.set(id.to_string());
+        }
     }
 
     fn finish(&self, status: StatusCode, response_bytes: u64, outcome: &'static str) {

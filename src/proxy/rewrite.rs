@@ -141,16 +141,23 @@ impl UpstreamBase {
 
     /// Upstream URI for the client's path and query, kept byte for byte.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
-        let pq = path_and_query.map_or("/", |pq| pq.as_str());
-        let builder = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        let result = if self.base_path.is_empty() {
-            builder.path_and_query(pq).build()
-        } else {
-            builder.path_and_query(format!("{}{}", self.base_path, pq)).build()
-        };
-        result.map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))
+        fn bad<E>(_: E) -> ProxyError {
+            ProxyError::BadRequest("the request path cannot be forwarded".into())
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        // Without a base path the client's path and query are reused as they are (a shared
+        // buffer, not parsed again).
+        parts.path_and_query = Some(match (self.base_path.is_empty(), path_and_query) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let pq = pq.map_or("/", |pq| pq.as_str());
+                PathAndQuery::try_from(format!("{}{}", self.base_path, pq)).map_err(bad)?
+            }
+        });
+        Uri::from_parts(parts).map_err(bad)
     }
 }
 
