@@ -310,7 +310,8 @@ pub(crate) fn request_id<B>(req: &Request<B>) -> String {
         *digit = HEX[(id & 0xf) as usize];
         id >>= 4;
     }
-    digits.iter().map(|&d| char::from(d)).collect()
+    // ASCII by construction: one copy, no per-char UTF-8 encoding.
+    String::from_utf8_lossy(&digits).into_owned()
 }
 
 #[cfg(test)]
