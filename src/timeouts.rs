@@ -13,8 +13,13 @@
 //!   tunnel is cut after the same time with no byte in either direction ([`until_idle`]).
 //!
 //! The bookkeeping is one shared [`Activity`] per connection or tunnel: atomics stamped by an
-//! IO wrapper, and a `Notify` that wakes the watchdog only when the state it sleeps on changes
-//! (a request ended, a head started), not on every read.
+//! IO wrapper, and a `Notify` that wakes the watchdog only when a change brings its deadline
+//! forward (a head started, a request ended while it waits for none), never on every read. On
+//! a keep-alive connection under steady load that is no wake-up and one clock read per
+//! request: the watchdog publishes when it will wake next ([`Activity`] `wake_at`); a request
+//! starting only removes the deadline, and a later one re-arms at or after it, so the watchdog
+//! finds the new state when it wakes by itself. Client connections stamp no time per read or
+//! write (their idle deadline counts from the end of the last request); tunnels do.
 
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -30,6 +35,11 @@ use tokio::time::Instant;
 
 /// Sentinel for "no byte read since the connection went idle".
 const NONE: u64 = u64::MAX;
+/// `wake_at` while the watchdog is working out its next deadline (or none runs): any change
+/// wakes it.
+const COMPUTING: u64 = 0;
+/// `wake_at` while the watchdog waits with no deadline (a request in progress).
+const PARKED: u64 = u64::MAX;
 
 /// When bytes last moved on one connection or tunnel, and (client connections) whether a
 /// request is in progress.
@@ -43,17 +53,40 @@ pub struct Activity {
     /// Milliseconds since `base` of the first byte read since then, or `NONE`.
     first_read_since_idle: AtomicU64,
     in_flight: AtomicUsize,
+    /// Milliseconds since `base` at which the watchdog wakes next, or `COMPUTING`/`PARKED`.
+    wake_at: AtomicU64,
+    /// The watchdog's deadlines in milliseconds, so a change can tell whether it moves the
+    /// next wake-up forward.
+    idle_ms: AtomicU64,
+    header_ms: AtomicU64,
+    /// Stamp `last_io` on every read and write (tunnels); client connections do not need it.
+    stamp_io: bool,
     changed: Notify,
 }
 
 impl Activity {
+    /// For a tunnel: every read and write stamps the time ([`until_idle`]).
     pub fn new() -> Arc<Activity> {
+        Activity::with_stamping(true)
+    }
+
+    /// For a client connection ([`watch_connection`]): reads and writes stamp nothing; the
+    /// idle deadline counts from the end of the last request.
+    pub fn for_connection() -> Arc<Activity> {
+        Activity::with_stamping(false)
+    }
+
+    fn with_stamping(stamp_io: bool) -> Arc<Activity> {
         Arc::new(Activity {
             base: Instant::now(),
             last_io: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             first_read_since_idle: AtomicU64::new(NONE),
             in_flight: AtomicUsize::new(0),
+            wake_at: AtomicU64::new(COMPUTING),
+            idle_ms: AtomicU64::new(0),
+            header_ms: AtomicU64::new(0),
+            stamp_io,
             changed: Notify::new(),
         })
     }
@@ -67,27 +100,41 @@ impl Activity {
     }
 
     fn on_read(&self) {
-        let now = self.now_ms();
-        self.last_io.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self
+        if self.stamp_io {
+            self.last_io.store(self.now_ms(), Ordering::Relaxed);
+        }
+        // The first byte of a head: the header deadline starts (one clock read per request).
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.first_read_since_idle.load(Ordering::Relaxed) == NONE {
+            let now = self.now_ms();
+            if self
                 .first_read_since_idle
-                .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
-        {
-            self.changed.notify_one();
+            {
+                self.nudge(now.saturating_add(self.header_ms.load(Ordering::Relaxed)));
+            }
         }
     }
 
     fn on_write(&self) {
-        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+        if self.stamp_io {
+            self.last_io.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Wake the watchdog if `deadline_ms` comes before the wake-up it is sleeping towards.
+    fn nudge(&self, deadline_ms: u64) {
+        let wake_at = self.wake_at.load(Ordering::SeqCst);
+        if wake_at == COMPUTING || deadline_ms < wake_at {
+            self.changed.notify_one();
+        }
     }
 
     /// A request is being served until the returned guard drops (put it in the response
-    /// body, so it lives until the body is written or abandoned).
+    /// body, so it lives until the body is written or abandoned). No wake-up: a request in
+    /// progress only removes the deadline, which the watchdog sees when it next wakes.
     pub fn request_started(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.changed.notify_one();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
 
@@ -104,10 +151,11 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
-        if activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            activity.idle_since.store(activity.now_ms(), Ordering::Relaxed);
-            activity.first_read_since_idle.store(NONE, Ordering::Relaxed);
-            activity.changed.notify_one();
+        if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let now = activity.now_ms();
+            activity.idle_since.store(now, Ordering::Relaxed);
+            activity.first_read_since_idle.store(NONE, Ordering::SeqCst);
+            activity.nudge(now.saturating_add(activity.idle_ms.load(Ordering::Relaxed)));
         }
     }
 }
@@ -223,32 +271,54 @@ pub enum ConnDeadline {
 /// Resolve when a client connection has passed one of its deadlines; pending forever while a
 /// request is in progress (its body and response have their own bounds).
 pub async fn watch_connection(activity: &Activity, idle_timeout: Duration, header_timeout: Duration) -> ConnDeadline {
+    let idle_ms = idle_timeout.as_millis().try_into().unwrap_or(u64::MAX);
+    let header_ms = header_timeout.as_millis().try_into().unwrap_or(u64::MAX);
+    activity.idle_ms.store(idle_ms, Ordering::Relaxed);
+    activity.header_ms.store(header_ms, Ordering::Relaxed);
     loop {
-        // Registered before reading the state, so a change in between is not missed.
+        // Any change wakes us while the state is read; then only one that comes before the
+        // published wake-up does (`Activity::nudge`). Registered before reading the state, so
+        // a change in between is not missed.
+        activity.wake_at.store(COMPUTING, Ordering::SeqCst);
         let changed = activity.changed.notified();
-        let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
-            None
+        let first_read = activity.first_read_since_idle.load(Ordering::SeqCst);
+        let (wake_ms, verdict) = if activity.in_flight.load(Ordering::SeqCst) > 0 {
+            // No deadline while a request is in progress. Parked, the end of the request would
+            // have to wake us; instead sleep on to the header deadline of its head and look
+            // again then: with keep-alive traffic that is one wake-up per header timeout,
+            // not two per request.
+            match first_read {
+                NONE => (PARKED, None),
+                first => (first.saturating_add(header_ms), None),
+            }
         } else {
-            match activity.first_read_since_idle.load(Ordering::Relaxed) {
+            match first_read {
                 NONE => {
                     let since = activity
                         .idle_since
                         .load(Ordering::Relaxed)
                         .max(activity.last_io.load(Ordering::Relaxed));
-                    Some((activity.at(since) + idle_timeout, ConnDeadline::Idle))
+                    (since.saturating_add(idle_ms), Some(ConnDeadline::Idle))
                 }
-                first => Some((activity.at(first) + header_timeout, ConnDeadline::HeaderRead)),
+                first => (first.saturating_add(header_ms), Some(ConnDeadline::HeaderRead)),
             }
         };
-        match deadline {
-            Some((at, verdict)) if at <= Instant::now() => return verdict,
-            Some((at, _)) => {
+        let wake = (wake_ms != PARKED).then(|| activity.at(wake_ms));
+        let now = Instant::now();
+        match (wake, verdict) {
+            (Some(at), Some(verdict)) if at <= now => return verdict,
+            (Some(at), _) if at > now => {
+                activity.wake_at.store(wake_ms.max(COMPUTING + 1), Ordering::SeqCst);
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = changed => {}
                 }
             }
-            None => changed.await,
+            // In progress past its header deadline, or with no head read: until it ends.
+            _ => {
+                activity.wake_at.store(PARKED, Ordering::SeqCst);
+                changed.await
+            }
         }
     }
 }
@@ -327,5 +397,59 @@ mod tests {
             .is_err());
         drop(request);
         assert_eq!(watch.await, ConnDeadline::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_started_while_the_watchdog_sleeps_towards_the_idle_deadline_wakes_it() {
+        let activity = Activity::for_connection();
+        let watch = watch_connection(&activity, Duration::from_secs(3600), Duration::from_secs(10));
+        tokio::pin!(watch);
+        // The watchdog is asleep until the idle deadline, an hour away.
+        assert!(tokio::time::timeout(Duration::from_secs(60), watch.as_mut())
+            .await
+            .is_err());
+        activity.on_read();
+        // The header deadline (10 s) comes first, so the first byte woke the watchdog.
+        let verdict = tokio::time::timeout(Duration::from_secs(60), watch).await;
+        assert_eq!(verdict.ok(), Some(ConnDeadline::HeaderRead));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_ends_without_waking_the_watchdog_still_gets_its_idle_deadline() {
+        let activity = Activity::for_connection();
+        let watch = watch_connection(&activity, Duration::from_secs(30), Duration::from_secs(10));
+        tokio::pin!(watch);
+        assert!(tokio::time::timeout(Duration::from_secs(1), watch.as_mut())
+            .await
+            .is_err());
+        // A head, and its request started before the watchdog looked.
+        activity.on_read();
+        let request = activity.request_started();
+        assert!(tokio::time::timeout(Duration::from_secs(1), watch.as_mut())
+            .await
+            .is_err());
+        // Ends while the watchdog sleeps towards the header deadline: no wake-up needed, the
+        // idle deadline is found when it wakes.
+        drop(request);
+        let verdict = tokio::time::timeout(Duration::from_secs(120), watch).await;
+        assert_eq!(verdict.ok(), Some(ConnDeadline::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_ending_after_the_header_deadline_restarts_the_idle_clock() {
+        let activity = Activity::for_connection();
+        let watch = watch_connection(&activity, Duration::from_secs(30), Duration::from_secs(10));
+        tokio::pin!(watch);
+        activity.on_read();
+        let request = activity.request_started();
+        // Past the header deadline with the request in progress: no verdict.
+        assert!(tokio::time::timeout(Duration::from_secs(20), watch.as_mut())
+            .await
+            .is_err());
+        drop(request);
+        // Idle again: the next head gets its own header deadline, not the old one.
+        activity.on_read();
+        let verdict = tokio::time::timeout(Duration::from_secs(60), watch).await;
+        assert_eq!(verdict.ok(), Some(ConnDeadline::HeaderRead));
     }
 }

@@ -65,12 +65,15 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
+            // The request path inserts a pre-built Host (rewrite::set_upstream_host).
+            .set_host(false)
             .http2_adaptive_window(true)
             .build(connector((*tls).clone(), true));
         let websocket_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
+            .set_host(false)
             .build(connector(tls_http1, false));
         Ok(Upstream {
             base,
