@@ -97,8 +97,7 @@ async fn sighup_applies_a_new_upstream_key_file_limit_and_log_level_to_the_next_
 async fn sighup_with_a_broken_file_keeps_the_running_config_logs_line_and_column_and_counts_it() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
+    let key = key_file(&dir);
     let config = proxy_config_text(&upstream.url(), &upstream.pki.ca_file, &key, "");
     let proxy = ProxyProcess::spawn(&config, &[]);
 
@@ -145,8 +144,7 @@ async fn sighup_with_a_broken_file_keeps_the_running_config_logs_line_and_column
 async fn sighup_with_a_changed_listen_address_warns_and_keeps_serving_where_it_was() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
+    let key = key_file(&dir);
     let config = proxy_config_text(&upstream.url(), &upstream.pki.ca_file, &key, "");
     let proxy = ProxyProcess::spawn(&config, &[]);
     let moved = config.replace("127.0.0.1:0", "127.0.0.1:1");
@@ -162,8 +160,7 @@ async fn sighup_with_a_changed_listen_address_warns_and_keeps_serving_where_it_w
 async fn sigterm_keeps_an_open_websocket_working_until_drain_timeout_then_closes_it_with_1001() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
+    let key = key_file(&dir);
     let drain = Duration::from_secs(1);
     let mut proxy = ProxyProcess::spawn(
         &proxy_config_text(
@@ -220,8 +217,7 @@ async fn sigterm_keeps_an_open_websocket_working_until_drain_timeout_then_closes
 async fn a_second_signal_exits_at_once_during_a_long_drain() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
+    let key = key_file(&dir);
     let mut proxy = ProxyProcess::spawn(
         &proxy_config_text(
             &upstream.url(),

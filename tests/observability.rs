@@ -54,12 +54,6 @@ fn sample(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) ->
         .and_then(|s| s["value"].as_f64())
 }
 
-fn key_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
-    key
-}
-
 const TTS_CLASS: &str = r#"
 [[limits.class]]
 name = "tts"

@@ -9,13 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-fn key_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, TEST_KEY).unwrap();
-    (dir, key)
-}
-
 /// Read datagrams until one contains `needle` (bounded); returns it.
 fn await_datagram(socket: &UnixDatagram, needle: &str) -> String {
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -20,12 +20,6 @@ fn replica_config(upstream: &TestUpstream, key_file: &std::path::Path, redis: &R
     )
 }
 
-fn key_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let path = dir.path().join("key");
-    std::fs::write(&path, TEST_KEY).unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_never_let_two_requests_through() {
     let redis = Redis::start();

@@ -376,3 +376,17 @@ pub fn python_with(modules: &str) -> String {
         ),
     }
 }
+
+/// Write [`TEST_KEY`] to `dir/key` (a `source = "file"` key) and return its path.
+pub fn key_file(dir: &tempfile::TempDir) -> PathBuf {
+    let key = dir.path().join("key");
+    std::fs::write(&key, TEST_KEY).expect("write the test key");
+    key
+}
+
+/// A fresh directory holding [`key_file`]; keep the directory alive as long as the key.
+pub fn key_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = key_file(&dir);
+    (dir, key)
+}
