@@ -1,8 +1,9 @@
 //! The upstream side: verified TLS, pooled connections, timeouts, and error classification.
 //!
-//! Two pooled clients share one TLS configuration. The main one offers ALPN `h2` and
+//! Two pools share one TLS configuration. The main one ([`UpstreamPool`]) offers ALPN `h2` and
 //! `http/1.1` so requests multiplex over HTTP/2 when the upstream speaks it; the WebSocket one
-//! offers only `http/1.1`, because the upgrade handshake (RFC 6455) is an HTTP/1.1 mechanism.
+//! (hyper-util's client, which joins upgraded connections) offers only `http/1.1`, because the
+//! upgrade handshake (RFC 6455) is an HTTP/1.1 mechanism.
 //! Redirects are never followed (hyper's client does not), so the key can only ever travel to
 //! the configured authority.
 
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::body::ProxyBody;
+use super::pool::{PoolError, UpstreamPool};
 use super::rewrite::UpstreamBase;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
@@ -27,7 +29,7 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 /// Pooled clients to the one upstream.
 pub struct Upstream {
     pub base: UpstreamBase,
-    client: HttpsClient,
+    pool: UpstreamPool,
     websocket_client: HttpsClient,
     response_timeout: Duration,
 }
@@ -61,23 +63,21 @@ impl Upstream {
                 builder.enable_http1().wrap_connector(http)
             }
         };
-        let client = Client::builder(TokioExecutor::new())
+        let pool = UpstreamPool::new(
+            connector((*tls).clone(), true),
+            base.destination(),
+            config.pool_idle_timeout,
+        );
+        let websocket_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             // The request path inserts a pre-built Host (rewrite::set_upstream_host).
             .set_host(false)
-            .http2_adaptive_window(true)
-            .build(connector((*tls).clone(), true));
-        let websocket_client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .set_host(false)
             .build(connector(tls_http1, false));
         Ok(Upstream {
             base,
-            client,
+            pool,
             websocket_client,
             response_timeout: config.response_timeout,
         })
@@ -86,14 +86,19 @@ impl Upstream {
     /// Send a request and wait for the response head (bounded by `response_timeout`); the body
     /// then streams with no overall deadline.
     pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<Incoming>, ProxyError> {
-        let client = if websocket {
-            &self.websocket_client
+        let sent = if websocket {
+            let sending = self.websocket_client.request(req);
+            tokio::time::timeout(self.response_timeout, sending)
+                .await
+                .map(|sent| sent.map_err(|err| classify(&err, err.is_connect(), &self.base)))
         } else {
-            &self.client
+            tokio::time::timeout(self.response_timeout, self.pool.send(req))
+                .await
+                .map(|sent| sent.map_err(|err: PoolError| classify(err.as_error(), err.is_connect(), &self.base)))
         };
-        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
+        match sent {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(classify(&err, &self.base)),
+            Ok(Err(err)) => Err(err),
             Err(_) => Err(ProxyError::UpstreamTimeout(format!(
                 "{} did not answer within {}",
                 self.base.authority,
@@ -137,7 +142,7 @@ pub fn client_tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::Cl
 
 /// Map a client error to the proxy's table: TLS failures, timeouts, and everything else that
 /// means "could not get an answer" (refused, reset, DNS).
-fn classify(err: &hyper_util::client::legacy::Error, base: &UpstreamBase) -> ProxyError {
+fn classify(err: &(dyn StdError + 'static), is_connect: bool, base: &UpstreamBase) -> ProxyError {
     // Walk the cause chain. `io::Error::source()` skips the error it wraps, and hyper-rustls
     // nests the rustls error two io::Errors deep, so io errors are descended via `get_ref`.
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
@@ -158,7 +163,7 @@ fn classify(err: &hyper_util::client::legacy::Error, base: &UpstreamBase) -> Pro
             None => e.source(),
         };
     }
-    let what = if err.is_connect() {
+    let what = if is_connect {
         "cannot connect to"
     } else {
         "lost the connection to"

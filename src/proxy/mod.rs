@@ -13,6 +13,7 @@ pub mod forward;
 pub mod framing;
 pub mod guard;
 pub mod policy;
+pub mod pool;
 pub mod request_limits;
 pub mod retry;
 pub mod rewrite;

@@ -139,6 +139,16 @@ impl UpstreamBase {
         })
     }
 
+    /// `scheme://authority/`: where connections go.
+    pub fn destination(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        // Scheme and authority came out of a parsed URI, so the parts are valid.
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("https://invalid/"))
+    }
+
     /// Upstream URI for the client's path and query, kept byte for byte.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
         fn bad<E>(_: E) -> ProxyError {
