@@ -343,7 +343,11 @@ for i in $(seq 1 "$pairs"); do
 done
 
 echo "==> $idle_n idle keep-alive connections"
-emit "{\"scenario\":\"idle_connections\",\"arm\":\"ours\",$(taskset -c 0 "$tool" idle "127.0.0.1:$ours_api_port" / "$idle_n" "$ours_api" | cut -c2-)"
+# On a fresh proxy: the one that just ran the scenarios keeps freed memory resident (mimalloc
+# purges after a delay, glibc trims only the top of its heap), and new connections reusing it
+# would look free. nginx preallocates its connection table, so its worker is measured as is.
+start_ours ours-idle "$up_port"; ours_idle=$ours_pid; wait_port "$ours_port"
+emit "{\"scenario\":\"idle_connections\",\"arm\":\"ours\",$(taskset -c 0 "$tool" idle "127.0.0.1:$ours_port" / "$idle_n" "$ours_idle" | cut -c2-)"
 emit "{\"scenario\":\"idle_connections\",\"arm\":\"nginx\",$(taskset -c 0 "$tool" idle "127.0.0.1:$np_api" / "$idle_n" "$nginx_worker" | cut -c2-)"
 
 machine="$(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r)"

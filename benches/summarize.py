@@ -113,7 +113,9 @@ out.append(
     "RSS is VmRSS (nginx: its worker only), peak is VmHWM reset before each run. Both compare "
     "p50s on the same path, so the p50 difference is the difference in added latency. "
     "nginx touches its whole connection table (worker_connections 8192) at start, so its idle "
-    "RSS already holds what its idle connections use.\n"
+    "RSS already holds what its idle connections use; smallest-proxy's idle connections are "
+    "measured on a freshly started proxy, so memory freed by the earlier runs is not counted "
+    "as free. See benches/PROFILE.md for what was changed and what is left.\n"
 )
 out.append("| Figure | smallest-proxy | nginx | ours ÷ nginx | Target | Met |")
 out.append("|---|---|---|---|---|---|")
