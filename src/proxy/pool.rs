@@ -106,13 +106,14 @@ impl UpstreamPool {
 
     /// Send `req` (absolute-form URI, `Host` already set) and wait for the response head.
     pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, PoolError> {
-        // The second round only runs when a pooled connection handed the request back unsent.
-        let mut reused = true;
+        // A second round only when a pooled (not a fresh) connection handed the request back
+        // unsent: a fresh connection that fails that way is the upstream's answer.
+        let mut may_resend = true;
         loop {
             let checkout = match self.inner.checkout() {
                 Some(found) => found,
                 None => {
-                    reused = false;
+                    may_resend = false;
                     // Boxed: the connect path's state (TCP, TLS, handshake) is large and rare,
                     // and inlined it would make every request's future, which hyper moves
                     // into place per request, several KiB bigger.
@@ -125,9 +126,8 @@ impl UpstreamPool {
                     Err(failed) => failed,
                 },
                 Checkout::Http1(mut sender) => {
-                    let mut origin = req;
-                    origin_form(origin.uri_mut());
-                    match sender.try_send_request(origin).await {
+                    origin_form(req.uri_mut());
+                    match sender.try_send_request(req).await {
                         Ok(response) => {
                             self.inner.put_back(sender);
                             return Ok(response);
@@ -138,10 +138,10 @@ impl UpstreamPool {
             };
             match failed.take_message() {
                 // Never written: safe to send on another connection, once.
-                Some(unsent) if reused => {
+                Some(unsent) if may_resend => {
                     tracing::debug!("pooled upstream connection closed before the request; resending");
                     req = unsent;
-                    reused = false;
+                    may_resend = false;
                 }
                 _ => return Err(PoolError::Send(failed.into_error())),
             }
