@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of the platform allocator: the request path allocates and frees dozens of
 /// small buffers per request, and glibc's malloc/free were ~5% of the proxy's CPU under load
-/// (benches/RESULTS.md has the before and after).
+/// (benches/PROFILE.md has the before and after).
 #[global_allocator]
 static ALLOCATOR: Allocator = Allocator;
 
