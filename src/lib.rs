@@ -54,7 +54,7 @@ pub struct App {
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>, transport: Transport) -> Response<ObservedBody> {
+    async fn handle(&self, req: Request<proxy::body::ClientBody>, transport: Transport) -> Response<ObservedBody> {
         let state = self.state.load_full();
         // Before anything else, admin endpoints included: a refused caller learns nothing.
         let conn = req.extensions().get::<proxy::caller::ConnInfo>();

@@ -29,6 +29,13 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 #[error("the request body is larger than listen.max_body_size ({0} bytes)")]
 pub struct BodyTooLarge(pub u64);
 
+/// A client's request body as a listener hands it to the proxy: streamed by hyper, or already
+/// whole (a plain request the front end read together with its head, see `server::front`).
+pub enum ClientBody {
+    Streaming(Incoming),
+    Whole(Bytes),
+}
+
 pub enum ProxyBody {
     /// Nothing (or already sent).
     Empty,

@@ -23,7 +23,6 @@ pub mod upgrade;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +33,7 @@ use crate::exchange::Exchange;
 use crate::keys::KeyStore;
 use crate::limits::{self, Limiter};
 use crate::timeouts::IdleTimer;
-use body::ProxyBody;
+use body::{ClientBody, ProxyBody};
 use forward::Upstream;
 use guard::{Guard, Transport};
 use retry::OutgoingBody;
@@ -116,7 +115,7 @@ impl Proxy {
     /// only they know.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         transport: Transport,
         exchange: &Arc<Exchange>,
     ) -> Response<ProxyBody> {
@@ -143,7 +142,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         transport: Transport,
         request_id: &str,
         exchange: &Arc<Exchange>,

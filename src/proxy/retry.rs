@@ -13,6 +13,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::body::ClientBody;
+
 use crate::error::ProxyError;
 
 /// Bodies up to this size are buffered so the request can be resent.
@@ -27,7 +29,11 @@ pub enum OutgoingBody {
 }
 
 /// Buffer `body` when it is small enough to be replayable, else pass it through.
-pub async fn prepare(headers: &HeaderMap, body: Incoming) -> Result<OutgoingBody, ProxyError> {
+pub async fn prepare(headers: &HeaderMap, body: ClientBody) -> Result<OutgoingBody, ProxyError> {
+    let body = match body {
+        ClientBody::Whole(bytes) => return Ok(OutgoingBody::Replayable(bytes)),
+        ClientBody::Streaming(incoming) => incoming,
+    };
     if body.is_end_stream() {
         return Ok(OutgoingBody::Replayable(Bytes::new()));
     }

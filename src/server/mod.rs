@@ -6,9 +6,15 @@
 //! request and close, and the drain waits for connections and WebSocket tunnels, all spawned on
 //! one `TaskTracker`, up to `drain_timeout`.
 //!
+//! A connection starts in [`front`], the proxy's own HTTP/1.1 loop for plain requests; the
+//! first request that is not plain (an upgrade, a streamed upload, ...) hands it to hyper for
+//! the rest of its life.
+//!
 //! Each connection carries a [`ConnInfo`] (transport, and the Unix peer's uid from
 //! SO_PEERCRED) into every request's extensions, and an idle watchdog
 //! ([`crate::timeouts::watch_connection`]) beside hyper's own timers.
+
+mod front;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -28,6 +34,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::ListenConfig;
 use crate::exchange::ObservedBody;
+use crate::proxy::body::ClientBody;
 use crate::proxy::caller::ConnInfo;
 use crate::proxy::framing::{self, FramingTap};
 use crate::proxy::request_limits::RequestLimits;
@@ -155,7 +162,12 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         let ctx = new_ctx();
         accept_loops.push(tokio::spawn(async move {
             accept_loop(ctx, || async {
-                listener.accept().await.map(|(s, _)| (s, ConnInfo::tcp()))
+                listener.accept().await.map(|(s, _)| {
+                    // Responses are written whole or as events arrive, never in pieces to be
+                    // joined: Nagle's algorithm would only delay the next SSE event.
+                    let _ = s.set_nodelay(true);
+                    (s, ConnInfo::tcp())
+                })
             })
             .await
         }));
@@ -201,7 +213,7 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
 }
 
 #[derive(Clone, Copy)]
-struct ConnSettings {
+pub(crate) struct ConnSettings {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     limits: RequestLimits,
@@ -217,7 +229,7 @@ struct AcceptCtx {
 
 async fn accept_loop<S, F, Fut>(ctx: AcceptCtx, mut accept: F)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: front::Socket,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = io::Result<(S, ConnInfo)>>,
 {
@@ -251,7 +263,31 @@ where
     }
 }
 
-async fn serve_connection<S>(
+async fn serve_connection<S: front::Socket>(
+    stream: S,
+    app: Arc<App>,
+    conn: ConnInfo,
+    shutdown: CancellationToken,
+    settings: ConnSettings,
+) {
+    match front::serve(stream, &app, conn, &shutdown, &settings).await {
+        front::Outcome::Done => {}
+        // Boxed: a connection the front end serves keeps only its own (small) state.
+        front::Outcome::HandOff(stream, prefix) => {
+            Box::pin(serve_with_hyper(
+                front::Rewind::new(stream, prefix),
+                app,
+                conn,
+                shutdown,
+                settings,
+            ))
+            .await
+        }
+    }
+}
+
+/// Serve the connection with hyper from here on (see [`front`] for when).
+async fn serve_with_hyper<S>(
     stream: S,
     app: Arc<App>,
     conn: ConnInfo,
@@ -280,7 +316,7 @@ async fn serve_connection<S>(
                 // life, sized by the future (~1.1 KiB, the parts past that are boxed inside
                 // Proxy::handle), and moves it there per request. Boxed, an idle keep-alive
                 // connection holds a pointer and the request's state exists only while it runs.
-                None => Box::pin(app.handle(req, conn.transport)).await,
+                None => Box::pin(app.handle(req.map(ClientBody::Streaming), conn.transport)).await,
             };
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
