@@ -34,7 +34,6 @@ pub use server::Listeners;
 
 use exchange::{Exchange, ObservedBody};
 use proxy::body::ProxyBody;
-use proxy::guard::Transport;
 use proxy::tunnel::Tunnels;
 
 /// How long start-up waits for the first key fetch before serving anyway (with `/ready` 503
@@ -54,12 +53,18 @@ pub struct App {
 }
 
 impl App {
-    async fn handle(&self, req: Request<proxy::body::ClientBody>, transport: Transport) -> Response<ObservedBody> {
+    /// `conn` is passed beside the request rather than in its extensions: inserting it there
+    /// allocated a type map per request.
+    async fn handle(
+        &self,
+        req: Request<proxy::body::ClientBody>,
+        conn: proxy::caller::ConnInfo,
+    ) -> Response<ObservedBody> {
+        let transport = conn.transport;
         let state = self.state.load_full();
         // Before anything else, admin endpoints included: a refused caller learns nothing.
-        let conn = req.extensions().get::<proxy::caller::ConnInfo>();
-        let peer_uid = conn.and_then(|c| c.peer_uid);
-        if let Err(refused) = state.proxy.hardening.callers.check_peer(conn) {
+        let peer_uid = conn.peer_uid;
+        if let Err(refused) = state.proxy.hardening.callers.check_peer(Some(&conn)) {
             tracing::debug!(peer_uid, "caller refused");
             let (parts, body) = refused.into_response(&proxy::request_id(&req)).into_parts();
             let status = parts.status;

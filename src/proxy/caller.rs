@@ -26,8 +26,8 @@ pub const PROXY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-proxy-toke
 /// Longest token accepted in the file (the same bound as a key).
 const MAX_TOKEN_BYTES: usize = 4096;
 
-/// What the proxy knows about a client connection. Put in each request's extensions by the
-/// server so later stages (access log, metrics) can show the caller.
+/// What the proxy knows about a client connection, handed with each of its requests to
+/// `App::handle` so later stages (caller checks, access log, metrics) can show the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnInfo {
     pub transport: Transport,

@@ -19,7 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame};
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -84,15 +84,29 @@ pub async fn serve<S: Socket>(
     // Bytes read and not yet used: empty (and unallocated) between requests unless the
     // client pipelines.
     let mut buf = BytesMut::new();
+    // One idle timer for the connection's life, not one per request: when it fires early (the
+    // connection was busy meanwhile) it is moved to the end of the current idle period. With
+    // keep-alive traffic that is one timer wake-up per idle_timeout instead of a timer armed
+    // and cancelled per request.
+    let mut idle_since = Instant::now();
+    let mut idle_timer = pin!(tokio::time::sleep_until(idle_since + settings.idle_timeout));
     loop {
-        if buf.is_empty() {
+        while buf.is_empty() {
             tokio::select! {
-                ready = poll_fn(|cx| stream.poll_read_ready(cx)) => if ready.is_err() { return Outcome::Done },
-                _ = tokio::time::sleep(settings.idle_timeout) => {
-                    tracing::debug!("client connection idle; closing");
-                    return Outcome::Done;
-                }
+                biased;
+                ready = poll_fn(|cx| stream.poll_read_ready(cx)) => match ready {
+                    Ok(()) => break,
+                    Err(_) => return Outcome::Done,
+                },
                 _ = shutdown.cancelled() => return Outcome::Done,
+                _ = idle_timer.as_mut() => {
+                    let deadline = idle_since + settings.idle_timeout;
+                    if Instant::now() >= deadline {
+                        tracing::debug!("client connection idle; closing");
+                        return Outcome::Done;
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                }
             }
         }
         let request = match read_request(&mut stream, &mut buf, settings).await {
@@ -107,15 +121,14 @@ pub async fn serve<S: Socket>(
             }
         };
         let PlainRequest {
-            mut request,
+            request,
             close_requested,
         } = request;
         let head_only = request.method() == Method::HEAD;
-        request.extensions_mut().insert(conn);
 
         // Served while watching the socket: a client that goes away cancels its request (as
         // hyper does), freeing its place in a queue; bytes that arrive are its next request.
-        let mut handling = Box::pin(app.handle(request, conn.transport));
+        let mut handling = Box::pin(app.handle(request, conn));
         let mut watching = true;
         let response = loop {
             tokio::select! {
@@ -151,6 +164,7 @@ pub async fn serve<S: Socket>(
             // Release the allocation: an idle connection holds no buffer.
             buf = BytesMut::new();
         }
+        idle_since = Instant::now();
     }
 }
 
@@ -222,7 +236,15 @@ async fn read_more<S: Socket>(
     what: &str,
 ) -> io::Result<usize> {
     buf.reserve(room);
-    let read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf));
+    let mut read = pin!(poll_fn(|cx| tokio_util::io::poll_read_buf(
+        Pin::new(&mut *stream),
+        cx,
+        buf
+    )));
+    // Usually the bytes are there already (the socket was readable): no timer for that read.
+    if let Poll::Ready(read) = poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+        return read;
+    }
     match tokio::time::timeout_at(deadline, read).await {
         Ok(read) => read,
         Err(_) => Err(io::Error::new(
@@ -581,5 +603,67 @@ impl<S: AsyncWrite> AsyncWrite for Rewind<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The target, body length and close flag of a plain head; `None` for a hand-off.
+    fn plain(head: &str) -> Option<(String, usize, bool)> {
+        parse_plain(&Bytes::copy_from_slice(head.as_bytes()))
+            .map(|(parts, len, close)| (parts.uri.to_string(), len, close))
+    }
+
+    #[test]
+    fn api_calls_are_plain() {
+        assert_eq!(
+            plain("POST /v1/tts?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 12\r\n\r\n"),
+            Some(("/v1/tts?x=1".to_string(), 12, false))
+        );
+        assert_eq!(
+            plain("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").map(|p| p.2),
+            Some(true)
+        );
+        let largest = format!("POST / HTTP/1.1\r\nContent-Length: {MAX_REPLAYABLE_BODY}\r\n\r\n");
+        assert_eq!(plain(&largest).map(|p| p.1 as u64), Some(MAX_REPLAYABLE_BODY));
+    }
+
+    #[test]
+    fn everything_else_goes_to_hyper() {
+        let too_big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_REPLAYABLE_BODY + 1);
+        let many_headers = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(MAX_PLAIN_HEADERS + 1));
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT localhost:443 HTTP/1.1\r\n\r\n",
+            "GET http://localhost/ HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nConnection: keep-alive, upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nFolded: x\r\n y\r\n\r\n",
+            &too_big,
+            &many_headers,
+        ] {
+            assert_eq!(plain(head), None, "{head:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_then_reads_on() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        let mut rewound = Rewind::new(server, Bytes::from_static(b"hello"));
+        let mut all = String::new();
+        rewound.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
     }
 }

@@ -300,12 +300,11 @@ async fn serve_with_hyper<S>(
     let (stream, verdicts) = FramingTap::new(stream);
     let activity = Activity::for_connection();
     let service_activity = activity.clone();
-    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         // Held from here until hyper has written (or dropped) the response body.
         let in_flight = service_activity.request_started();
         let refusal = verdicts.take().map(|reason| framing::refuse(reason, &req));
-        req.extensions_mut().insert(conn);
         async move {
             let response = match refusal {
                 Some(refusal) => {
@@ -316,7 +315,7 @@ async fn serve_with_hyper<S>(
                 // life, sized by the future (~1.1 KiB, the parts past that are boxed inside
                 // Proxy::handle), and moves it there per request. Boxed, an idle keep-alive
                 // connection holds a pointer and the request's state exists only while it runs.
-                None => Box::pin(app.handle(req.map(ClientBody::Streaming), conn.transport)).await,
+                None => Box::pin(app.handle(req.map(ClientBody::Streaming), conn)).await,
             };
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
