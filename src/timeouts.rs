@@ -335,27 +335,44 @@ pub async fn until_idle(activity: &Activity, timeout: Duration) {
 }
 
 /// A per-body idle deadline, reset by every frame.
+///
+/// The timer itself is armed only while the body waits: a frame just notes the time, and
+/// `poll_expired` (called when the upstream has nothing yet) arms or moves the timer to that
+/// time plus the timeout. A small response that arrives whole never touches the timer wheel,
+/// and a stream re-arms it at most once per wait, not once per frame.
 #[derive(Debug)]
 pub struct IdleTimer {
     timeout: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    last_frame: Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl IdleTimer {
     pub fn new(timeout: Duration) -> IdleTimer {
         IdleTimer {
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            last_frame: Instant::now(),
+            sleep: None,
         }
     }
 
     pub fn reset(&mut self) {
-        self.sleep.as_mut().reset(Instant::now() + self.timeout);
+        self.last_frame = Instant::now();
     }
 
     /// True once the deadline has passed (registers a wake-up otherwise).
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.sleep.as_mut().poll(cx).is_ready()
+        let deadline = self.last_frame + self.timeout;
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        sleep.as_mut().poll(cx).is_ready()
     }
 
     pub fn error(&self) -> StreamIdle {
