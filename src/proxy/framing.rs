@@ -264,7 +264,7 @@ fn is_plain_chunked(value: &[u8]) -> bool {
 }
 
 /// `Content-Length` as hyper reads it: ASCII digits only, no overflow.
-fn parse_digits(value: &[u8]) -> Option<u64> {
+pub(crate) fn parse_digits(value: &[u8]) -> Option<u64> {
     if value.is_empty() {
         return None;
     }

@@ -34,6 +34,7 @@ use super::ConnSettings;
 use crate::exchange::ObservedBody;
 use crate::proxy::body::ClientBody;
 use crate::proxy::caller::ConnInfo;
+use crate::proxy::framing::parse_digits;
 use crate::proxy::retry::MAX_REPLAYABLE_BODY;
 use crate::App;
 
@@ -307,20 +308,6 @@ fn parse_plain(head: &Bytes) -> Option<(http::request::Parts, usize, bool)> {
     *request.headers_mut() = map;
     let (parts, ()) = request.into_parts();
     Some((parts, usize::try_from(body_len).ok()?, close_requested))
-}
-
-/// `Content-Length` as hyper reads it: ASCII digits only, no overflow.
-fn parse_digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
 }
 
 /// Read what the client sent while its request is served, without allocating until it sends
