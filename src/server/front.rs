@@ -133,6 +133,7 @@ pub async fn serve<S: Socket>(
         let mut watching = true;
         let response = loop {
             tokio::select! {
+                biased;
                 response = &mut handling => break response,
                 read = poll_fn(|cx| poll_read_if_ready(&mut stream, &mut buf, cx)), if watching => match read {
                     Ok(0) | Err(_) => {
