@@ -286,3 +286,20 @@ async fn a_head_split_across_many_writes_is_assembled() {
     assert_eq!((response.status, response.body.as_slice()), (200, &b"hello there"[..]));
     assert_eq!(upstream.records()[0].headers["x-long"], "abcdefghijklmnopqrstuvwxyz");
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_inside_a_small_body_is_dropped_after_the_idle_timeout() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "[listen]\nidle_timeout = \"300ms\"\n").await;
+    let mut conn = connect(&proxy).await;
+    // Half of a declared 10-byte body, then nothing.
+    conn.stream
+        .write_all(b"POST /stalled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    assert!(conn.closes().await, "the stalled request was not dropped");
+    assert!(
+        upstream.records().is_empty(),
+        "an incomplete request must not be forwarded"
+    );
+}

@@ -416,6 +416,7 @@ async fn write_response<S: Socket>(
             // Waiting on the upstream (an SSE stream may be quiet for minutes): a client that
             // leaves meanwhile ends the stream, freeing its slot, as hyper does.
             tokio::select! {
+                biased;
                 frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => Poll::Ready(frame),
                 read = poll_fn(|cx| poll_read_if_ready(&mut *stream, &mut *buf, cx)), if watching => match read {
                     Ok(0) | Err(_) => {
