@@ -10,8 +10,9 @@
 //! first request that is not plain (an upgrade, a streamed upload, ...) hands it to hyper for
 //! the rest of its life.
 //!
-//! Each connection carries a [`ConnInfo`] (transport, and the Unix peer's uid from
-//! SO_PEERCRED) into every request's extensions, and an idle watchdog
+//! Each connection's [`ConnInfo`] (transport, and the Unix peer's uid from SO_PEERCRED) is
+//! handed to `App::handle` with every request. The front end keeps its own idle and head
+//! deadlines; a connection handed to hyper gets an idle watchdog
 //! ([`crate::timeouts::watch_connection`]) beside hyper's own timers.
 
 mod front;
