@@ -199,7 +199,7 @@ async fn read_request<S: Socket>(stream: &mut S, buf: &mut BytesMut, settings: &
         }
         // A head with bare-LF line ends (which httparse accepts), or past hyper's bound (it
         // answers 431): hyper's.
-        if buf.len() >= max_head || memchr::memmem::find(buf, b"\n\n").is_some() {
+        if buf.len() >= max_head || memchr::memmem::find(&buf[scanned..], b"\n\n").is_some() {
             return Ok(Read::HandOff(std::mem::take(buf).freeze()));
         }
         scanned = buf.len().saturating_sub(3);
@@ -287,7 +287,7 @@ fn parse_plain(head: &Bytes) -> Option<(http::request::Parts, usize, bool)> {
             }
             content_length = Some(parse_digits(h.value)?);
         } else if name == header::CONNECTION {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in connection_tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close_requested = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
@@ -442,15 +442,12 @@ async fn write_response<S: Socket>(
         };
         match frame {
             None => {
-                if framing == Framing::Chunked {
-                    out.extend_from_slice(b"0\r\n\r\n");
+                match framing {
+                    Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                    // Shorter than declared: the client must not wait for the rest.
+                    Framing::Length(declared) if declared != sent => keep_alive = false,
+                    _ => {}
                 }
-                if framing == Framing::Length(sent) || framing == Framing::Chunked {
-                    stream.write_all(&out).await?;
-                    return Ok(keep_alive);
-                }
-                // Shorter than declared: the client must not wait for the rest.
-                keep_alive = false;
                 stream.write_all(&out).await?;
                 return Ok(keep_alive);
             }
@@ -496,11 +493,15 @@ async fn write_response<S: Socket>(
 }
 
 fn asks_to_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| connection_tokens(v.as_bytes()).any(|token| token.eq_ignore_ascii_case(b"close")))
+}
+
+/// The comma-separated tokens of one `Connection` value, trimmed.
+fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
