@@ -51,3 +51,7 @@ echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets
+# Again with an upstream that offers only HTTP/1.1: the proxy's own HTTP/1.1 client
+# (src/proxy/h1.rs) then carries what the first run sent over HTTP/2.
+echo "==> cargo test, upstream HTTP/1.1 only"
+TEST_UPSTREAM_HTTP1=1 cargo test --tests

@@ -36,6 +36,39 @@ pub enum ClientBody {
     Whole(Bytes),
 }
 
+/// An upstream response body: read straight from a pooled HTTP/1.1 connection by the request's
+/// task ([`super::h1`]), or streamed by hyper (HTTP/2, WebSocket handshakes).
+pub enum UpstreamBody {
+    H1(super::h1::ResponseBody),
+    Hyper(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
 pub enum ProxyBody {
     /// Nothing (or already sent).
     Empty,
@@ -48,7 +81,7 @@ pub enum ProxyBody {
     /// An upstream response holding its class's slot: the permit is released the moment the
     /// body ends or fails (or, if the client goes away, when hyper drops the body). The timer
     /// cuts it when the upstream sends nothing for `stream_idle_timeout`.
-    Limited(Incoming, Option<Permit>, IdleTimer),
+    Limited(UpstreamBody, Option<Permit>, IdleTimer),
     /// A streamed client body with this many bytes still allowed; past it the body fails and
     /// the flag tells the request path to answer 413.
     Capped {
@@ -89,7 +122,7 @@ impl Body for ProxyBody {
                 }
                 polled.map_err(Into::into)
             }
-            ProxyBody::Limited(incoming, permit, idle) => match Pin::new(incoming).poll_frame(cx) {
+            ProxyBody::Limited(upstream, permit, idle) => match Pin::new(upstream).poll_frame(cx) {
                 Poll::Pending => {
                     if idle.poll_expired(cx) {
                         permit.take();
@@ -103,7 +136,7 @@ impl Body for ProxyBody {
                 }
                 ended => {
                     permit.take();
-                    ended.map_err(Into::into)
+                    ended
                 }
             },
             ProxyBody::Capped {
@@ -136,8 +169,8 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Incoming(incoming)
             | ProxyBody::Counted(incoming, _)
-            | ProxyBody::Limited(incoming, ..)
             | ProxyBody::Capped { body: incoming, .. } => incoming.is_end_stream(),
+            ProxyBody::Limited(upstream, ..) => upstream.is_end_stream(),
         }
     }
 
@@ -147,8 +180,8 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(incoming)
             | ProxyBody::Counted(incoming, _)
-            | ProxyBody::Limited(incoming, ..)
             | ProxyBody::Capped { body: incoming, .. } => incoming.size_hint(),
+            ProxyBody::Limited(upstream, ..) => upstream.size_hint(),
         }
     }
 }

@@ -1,14 +1,14 @@
 //! The upstream side: verified TLS, pooled connections, timeouts, and error classification.
 //!
 //! Two pools share one TLS configuration. The main one ([`UpstreamPool`]) offers ALPN `h2` and
-//! `http/1.1` so requests multiplex over HTTP/2 when the upstream speaks it; the WebSocket one
+//! `http/1.1` so requests multiplex over HTTP/2 when the upstream speaks it (HTTP/1.1 goes
+//! through our own client, [`super::h1`]); the WebSocket one
 //! (hyper-util's client, which joins upgraded connections) offers only `http/1.1`, because the
 //! upgrade handshake (RFC 6455) is an HTTP/1.1 mechanism.
 //! Redirects are never followed (hyper's client does not), so the key can only ever travel to
 //! the configured authority.
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,8 +18,8 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::body::ProxyBody;
-use super::pool::{PoolError, UpstreamPool};
+use super::body::{ProxyBody, UpstreamBody};
+use super::pool::{Connector, PoolError, UpstreamPool};
 use super::rewrite::UpstreamBase;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
@@ -51,30 +51,45 @@ impl Upstream {
         let mut tls_http1 = (*tls).clone();
         tls_http1.alpn_protocols.clear();
 
-        let connector = |tls: rustls::ClientConfig, http2: bool| {
+        let tcp_connector = || {
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_nodelay(true);
             http.set_connect_timeout(Some(config.connect_timeout));
-            let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-            if http2 {
-                builder.enable_http1().enable_http2().wrap_connector(http)
-            } else {
-                builder.enable_http1().wrap_connector(http)
-            }
+            http
+        };
+        let pool_tls = if base.scheme == http::uri::Scheme::HTTPS {
+            let mut tls = (*tls).clone();
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            // The certificate is checked against the host as written in upstream.url (an IPv6
+            // literal without its brackets), as hyper-rustls does.
+            let host = base.authority.host().trim_start_matches('[').trim_end_matches(']');
+            let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| UpstreamSetupError::Url(format!("{host} is not a valid TLS server name: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), server_name))
+        } else {
+            None
         };
         let pool = UpstreamPool::new(
-            connector((*tls).clone(), true),
-            base.destination(),
+            Connector {
+                tcp: tcp_connector(),
+                tls: pool_tls,
+                destination: base.destination(),
+            },
             config.pool_idle_timeout,
         );
+        let websocket_connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls_http1)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp_connector());
         let websocket_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             // The request path inserts a pre-built Host (rewrite::set_upstream_host).
             .set_host(false)
-            .build(connector(tls_http1, false));
+            .build(websocket_connector);
         Ok(Upstream {
             base,
             pool,
@@ -85,12 +100,13 @@ impl Upstream {
 
     /// Send a request and wait for the response head (bounded by `response_timeout`); the body
     /// then streams with no overall deadline.
-    pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = if websocket {
             let sending = self.websocket_client.request(req);
-            tokio::time::timeout(self.response_timeout, sending)
-                .await
-                .map(|sent| sent.map_err(|err| classify(&err, err.is_connect(), &self.base)))
+            tokio::time::timeout(self.response_timeout, sending).await.map(|sent| {
+                sent.map(|response| response.map(UpstreamBody::Hyper))
+                    .map_err(|err| classify(&err, err.is_connect(), &self.base))
+            })
         } else {
             tokio::time::timeout(self.response_timeout, self.pool.send(req))
                 .await

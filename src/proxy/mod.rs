@@ -12,6 +12,7 @@ pub mod caller;
 pub mod forward;
 pub mod framing;
 pub mod guard;
+pub mod h1;
 pub mod policy;
 pub mod pool;
 pub mod request_limits;

@@ -11,12 +11,11 @@
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, UpstreamBody};
 use super::rewrite::strip_hop_by_hop;
 use super::tunnel::{self, Tunnels};
 use crate::limits::Permit;
@@ -45,7 +44,7 @@ pub fn restore_upgrade_headers(headers: &mut http::HeaderMap) {
 /// both sides have switched. The copy task ends when either side closes.
 pub fn open_tunnel(
     client: OnUpgrade,
-    mut upstream_response: Response<Incoming>,
+    mut upstream_response: Response<UpstreamBody>,
     request_id: String,
     permit: Permit,
     idle_timeout: Duration,

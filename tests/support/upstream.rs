@@ -75,8 +75,12 @@ pub struct UpstreamOptions {
 }
 
 impl Default for UpstreamOptions {
+    /// HTTP/2 offered, unless `TEST_UPSTREAM_HTTP1=1`: `scripts/test.sh` runs the forwarding,
+    /// streaming and limit tests a second time that way, through the proxy's HTTP/1.1 client.
     fn default() -> Self {
-        UpstreamOptions { http2: true }
+        UpstreamOptions {
+            http2: std::env::var("TEST_UPSTREAM_HTTP1").map_or(true, |v| v != "1"),
+        }
     }
 }
 

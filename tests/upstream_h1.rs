@@ -1,0 +1,507 @@
+//! The proxy's own HTTP/1.1 client (src/proxy/h1.rs) against a scripted TLS upstream that
+//! answers byte for byte: every way a response body can be delimited, interim responses,
+//! heads that must be refused, connections the upstream closes, uploads it answers early, and
+//! which connections are reused. The well-behaved paths (SSE, big bodies, limits) also run over
+//! HTTP/1.1 through the rest of the suite: `scripts/test.sh` runs those files a second time
+//! with `TEST_UPSTREAM_HTTP1=1`.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::upstream::TestPki;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+/// One request as the upstream read it.
+#[derive(Debug, Clone)]
+struct Seen {
+    head: String,
+    body: Vec<u8>,
+}
+
+/// What the upstream does for one request.
+enum Reply {
+    /// Write these bytes and keep the connection for the next request.
+    Keep(Vec<u8>),
+    /// Write these bytes and close the connection.
+    Close(Vec<u8>),
+    /// Write the first bytes, wait for `release`, then write the second and keep the connection.
+    Held(Vec<u8>, Vec<u8>),
+    /// Answer right after the head, without reading the body, then close.
+    Early(Vec<u8>),
+}
+
+type Script = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
+
+/// A TLS upstream (ALPN `http/1.1` only) that answers each request by its request line.
+struct Scripted {
+    pki: TestPki,
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted, and connections this upstream has closed.
+    accepted: watch::Sender<usize>,
+    closed: watch::Sender<usize>,
+    release: Arc<Notify>,
+}
+
+impl Scripted {
+    async fn start(script: Script) -> Scripted {
+        let pki = TestPki::new();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.cert_der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+            )
+            .expect("server cert");
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (accepted, closed) = (watch::Sender::new(0), watch::Sender::new(0));
+        let release = Arc::new(Notify::new());
+        let (seen2, accepted2, closed2, release2) = (seen.clone(), accepted.clone(), closed.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                accepted2.send_modify(|n| *n += 1);
+                let (acceptor, script, seen, closed, release) = (
+                    acceptor.clone(),
+                    script.clone(),
+                    seen2.clone(),
+                    closed2.clone(),
+                    release2.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        serve(&mut tls, &script, &seen, &release).await;
+                        let _ = tls.shutdown().await;
+                    }
+                    closed.send_modify(|n| *n += 1);
+                });
+            }
+        });
+        Scripted {
+            pki,
+            port,
+            seen,
+            accepted,
+            closed,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn wait_closed(&self, n: usize) {
+        let mut rx = self.closed.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| *c >= n))
+            .await
+            .expect("the upstream closed its connection")
+            .unwrap();
+    }
+}
+
+/// Serve requests on one connection until the script closes it or the proxy does.
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    io: &mut S,
+    script: &Script,
+    seen: &Mutex<Vec<Seen>>,
+    release: &Notify,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let mut chunk = [0u8; 16384];
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let request_line = head.lines().next().unwrap_or("").to_string();
+        let reply = script(&request_line);
+        if let Reply::Early(bytes) = reply {
+            seen.lock().unwrap().push(Seen { head, body: Vec::new() });
+            let _ = io.write_all(&bytes).await;
+            return;
+        }
+        let lower = head.to_ascii_lowercase();
+        let body = if lower.contains("transfer-encoding: chunked") {
+            // The chunked coding, decoded.
+            let mut body = Vec::new();
+            loop {
+                let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    if !read_more(io, &mut buf).await {
+                        return;
+                    }
+                    continue;
+                };
+                let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
+                while buf.len() < line_end + 2 + size + 2 {
+                    if !read_more(io, &mut buf).await {
+                        return;
+                    }
+                }
+                body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+                buf.drain(..line_end + 2 + size + 2);
+                if size == 0 {
+                    break body;
+                }
+            }
+        } else {
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            while buf.len() < length {
+                if !read_more(io, &mut buf).await {
+                    return;
+                }
+            }
+            buf.drain(..length).collect()
+        };
+        seen.lock().unwrap().push(Seen { head, body });
+        match reply {
+            Reply::Keep(bytes) => {
+                if io.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Close(bytes) => {
+                let _ = io.write_all(&bytes).await;
+                return;
+            }
+            Reply::Held(first, rest) => {
+                let _ = io.write_all(&first).await;
+                let _ = io.flush().await;
+                release.notified().await;
+                if io.write_all(&rest).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Early(_) => unreachable!("answered above"),
+        }
+        let _ = io.flush().await;
+    }
+}
+
+async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16384];
+    match io.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn proxy_for(upstream: &Scripted, extra: &str) -> TestProxy {
+    TestProxy::start_for(&upstream.url(), &upstream.pki.ca_file, extra).await
+}
+
+/// One request on a fresh client connection: status, headers and body as the client got them.
+async fn send(proxy: &TestProxy, method: &str, path: &str) -> (u16, http::HeaderMap, Result<Bytes, String>) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(proxy.url(path))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client().request(req).await.expect("the proxy answered");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string());
+    (status, headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_reaches_the_client_whole_and_keeps_the_connection_when_it_may() {
+    let upstream = Scripted::start(Arc::new(|line: &str| match line.split(' ').nth(1).unwrap_or("") {
+        "/length" if line.starts_with("HEAD") => {
+            Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\n".to_vec())
+        }
+        "/length" => Reply::Keep(ok("hello")),
+        "/chunked" => Reply::Keep(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+        ),
+        "/no-content" => Reply::Keep(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()),
+        "/interim" => Reply::Keep(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        ),
+        "/until-close" => Reply::Close(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it".to_vec()),
+        _ => Reply::Keep(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec()),
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+
+    let (status, headers, body) = send(&proxy, "GET", "/length").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello".as_ref()));
+    assert_eq!(headers["content-length"], "5");
+    let connections = || *upstream.accepted.borrow();
+    assert_eq!(connections(), 1);
+    let (status, _, body) = send(&proxy, "GET", "/chunked").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello world".as_ref()));
+    assert_eq!(connections(), 1, "reused after a chunked body");
+    let (status, _, body) = send(&proxy, "POST", "/no-content").await;
+    assert_eq!((status, body.unwrap().len()), (204, 0));
+    assert_eq!(connections(), 1, "reused after a 204");
+    let (status, headers, body) = send(&proxy, "HEAD", "/length").await;
+    assert_eq!((status, body.unwrap().len()), (200, 0));
+    assert_eq!(
+        headers["content-length"], "5",
+        "HEAD keeps the length of what GET would send"
+    );
+    assert_eq!(connections(), 1, "reused after a HEAD");
+    let (status, _, body) = send(&proxy, "GET", "/interim").await;
+    assert_eq!(
+        (status, body.unwrap().as_ref()),
+        (200, b"ok".as_ref()),
+        "1xx heads are skipped"
+    );
+    assert_eq!(connections(), 1, "reused after interim responses");
+
+    let (status, _, body) = send(&proxy, "GET", "/until-close").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"all of it".as_ref()));
+    // A close-delimited body ends its connection: the next request needs a new one.
+    let (status, _, _) = send(&proxy, "GET", "/length").await;
+    assert_eq!(status, 200);
+    assert_eq!(connections(), 2);
+
+    let seen = upstream.seen();
+    assert!(seen[0].head.starts_with("GET /length HTTP/1.1\r\n"), "{}", seen[0].head);
+    assert!(
+        seen[0].head.contains(&format!("authorization: Bearer {TEST_KEY}\r\n")),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        !seen[0].head.to_ascii_lowercase().contains("content-length"),
+        "an empty GET has no length"
+    );
+    assert!(
+        seen[2].head.to_ascii_lowercase().contains("content-length: 0"),
+        "an empty POST says 0"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_that_cannot_be_delimited_are_refused_with_502_and_their_connection_dropped() {
+    let upstream = Scripted::start(Arc::new(|line: &str| match line.split(' ').nth(1).unwrap_or("") {
+        "/two-lengths" => {
+            Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_vec())
+        }
+        "/bad-length" => Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5x\r\n\r\nhello".to_vec()),
+        "/upgrade" => Reply::Keep(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec()),
+        "/garbage" => Reply::Keep(b"HTTP/1.1 2000 What\r\n\r\n".to_vec()),
+        _ => Reply::Keep(ok("fine")),
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for (n, path) in ["/two-lengths", "/bad-length", "/upgrade", "/garbage"]
+        .iter()
+        .enumerate()
+    {
+        let (status, _, body) = send(&proxy, "GET", path).await;
+        let body = body.unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+        assert_eq!(status, 502, "{path}: {error}");
+        assert_eq!(error["code"], "UPSTREAM_UNAVAILABLE", "{path}: {error}");
+        // The connection that sent it is not used again.
+        upstream.wait_closed(n + 1).await;
+    }
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 5);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+    // The upstream closes after each answer without saying so (no `Connection: close`), as a
+    // server whose keep-alive timeout passed does.
+    let upstream = Scripted::start(Arc::new(|_: &str| Reply::Close(ok("once")))).await;
+    let proxy = proxy_for(&upstream, "").await;
+    for round in 1..=3 {
+        let (status, _, body) = send(&proxy, "POST", "/x").await;
+        assert_eq!(
+            (status, body.unwrap().as_ref()),
+            (200, b"once".as_ref()),
+            "round {round}"
+        );
+        upstream.wait_closed(round).await;
+    }
+    assert_eq!(*upstream.accepted.borrow(), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_cuts_short_is_cut_short_for_the_client_too() {
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/short") {
+            Reply::Close(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten!!".to_vec())
+        } else {
+            Reply::Keep(ok("next"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (status, _, body) = send(&proxy, "GET", "/short").await;
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "the client must see the body end early, got {body:?}");
+    let (status, _, body) = send(&proxy, "GET", "/next").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"next".as_ref()));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_stream_reaches_the_client_as_each_part_arrives() {
+    let upstream = Scripted::start(Arc::new(|_: &str| {
+        Reply::Held(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n".to_vec(),
+            b"9\r\ndata: 2\n\n\r\n0\r\n\r\n".to_vec(),
+        )
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let req = http::Request::builder()
+        .uri(proxy.url("/sse"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client().request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // The first event arrives while the upstream is still holding the second.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first event came through before the stream ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap().as_ref(), b"data: 1\n\n");
+    upstream.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest.as_ref(), b"data: 2\n\n");
+    proxy.stop().await;
+}
+
+/// A streamed upload (too big to buffer) from a raw client: `framing` is its framing header.
+async fn upload(proxy: &TestProxy, framing: &str, body: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    if framing.starts_with("Transfer-Encoding") {
+        for chunk in body.chunks(50_000) {
+            stream
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await
+                .unwrap();
+            stream.write_all(chunk).await.unwrap();
+            stream.write_all(b"\r\n").await.unwrap();
+        }
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+    } else {
+        stream.write_all(body).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_uploads_arrive_whole_with_the_framing_their_size_allows() {
+    let upstream = Scripted::start(Arc::new(|_: &str| Reply::Keep(ok("stored")))).await;
+    let proxy = proxy_for(&upstream, "").await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let answer = upload(&proxy, &format!("Content-Length: {}", body.len()), &body).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = upload(&proxy, "Transfer-Encoding: chunked", &body).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[0].head.to_ascii_lowercase().contains("content-length: 300000"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        seen[1].head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "{}",
+        seen[1].head
+    );
+    for s in &seen {
+        assert!(s.body == body, "the upload arrived changed ({} bytes)", s.body.len());
+    }
+    assert_eq!(*upstream.accepted.borrow(), 1, "both uploads went over one connection");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_answers_early_gets_that_answer() {
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::Early(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"error\":\"big\"}"
+                    .to_vec(),
+            )
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    // The client sends the head and a first part, then nothing: the answer must not wait for
+    // an upload that is not coming.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("the early answer reached the client")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    drop(stream);
+    // That connection is not reused (its upload never ended); the next request gets another.
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 2);
+    proxy.stop().await;
+}
