@@ -8,7 +8,7 @@
 //! Redirects are never followed (hyper's client does not), so the key can only ever travel to
 //! the configured authority.
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -99,12 +99,18 @@ impl Upstream {
     }
 
     /// Send a request and wait for the response head (bounded by `response_timeout`); the body
-    /// then streams with no overall deadline.
-    pub async fn send(&self, req: Request<ProxyBody>, websocket: bool) -> Result<Response<UpstreamBody>, ProxyError> {
+    /// then streams with no overall deadline. The request's headers come back beside the
+    /// response, for a resend.
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+        websocket: bool,
+    ) -> Result<(Response<UpstreamBody>, HeaderMap), ProxyError> {
         let sent = if websocket {
+            let headers = req.headers().clone();
             let sending = self.websocket_client.request(req);
             tokio::time::timeout(self.response_timeout, sending).await.map(|sent| {
-                sent.map(|response| response.map(UpstreamBody::Hyper))
+                sent.map(|response| (response.map(UpstreamBody::Hyper), headers))
                     .map_err(|err| classify(&err, err.is_connect(), &self.base))
             })
         } else {

@@ -159,13 +159,14 @@ pub enum ExchangeError {
     Failed(io::Error),
 }
 
-/// Send `req` (origin-form target, `Host` set) on `conn` and read the response head; the
-/// response body reads the rest, and hands the connection back to `pool` when it ends cleanly.
+/// Send `req` (`Host` set) on `conn` and read the response head; the response body reads the
+/// rest, and hands the connection back to `pool` when it ends cleanly. The request's headers
+/// come back beside the response, for a resend (they were only read).
 pub async fn exchange(
     mut conn: H1Conn,
     req: Request<ProxyBody>,
     pool: &Arc<PoolInner>,
-) -> Result<Response<ResponseBody>, ExchangeError> {
+) -> Result<(Response<ResponseBody>, HeaderMap), ExchangeError> {
     let (parts, mut body) = req.into_parts();
     let known_length = body.size_hint().exact();
     let chunked = known_length.is_none();
@@ -245,7 +246,7 @@ pub async fn exchange(
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    Ok(response)
+    Ok((response, parts.headers))
 }
 
 /// The request line and headers. Framing is ours to set: `Content-Length` from the body's known
@@ -401,12 +402,20 @@ fn bad_response(what: &str) -> io::Error {
 fn poll_response_head(conn: &mut ConnState, cx: &mut Context<'_>) -> Poll<io::Result<ResponseHead>> {
     loop {
         if !conn.buf.is_empty() {
-            if let Some((len, parsed)) = parse_response_head(&conn.buf)? {
-                let head = conn.buf.split_to(len).freeze();
-                match parsed {
-                    Parsed::Interim => continue,
-                    Parsed::Final => return Poll::Ready(build_head(&head)),
+            // Parsed once, on the bytes frozen in place: header values become slices of them.
+            // What follows the head (the body's start) goes back into the buffer, in the room
+            // left after it, so usually without allocating.
+            let bytes = conn.buf.split().freeze();
+            match parse_response_head(&bytes) {
+                Ok(Some((len, head))) => {
+                    conn.buf.extend_from_slice(&bytes[len..]);
+                    match head {
+                        Some(head) => return Poll::Ready(Ok(head)),
+                        None => continue,
+                    }
                 }
+                Ok(None) => conn.buf.extend_from_slice(&bytes),
+                Err(e) => return Poll::Ready(Err(e)),
             }
             if conn.buf.len() >= MAX_HEAD {
                 return Poll::Ready(Err(bad_response("a response head longer than 64 KiB")));
@@ -423,42 +432,31 @@ fn poll_response_head(conn: &mut ConnState, cx: &mut Context<'_>) -> Poll<io::Re
     }
 }
 
-enum Parsed {
-    /// A 1xx other than 101: skipped.
-    Interim,
-    Final,
-}
-
-/// The length of a complete head at the start of `buf`, if one is there.
-fn parse_response_head(buf: &[u8]) -> io::Result<Option<(usize, Parsed)>> {
+/// A complete head at the start of `bytes`: its length, and the head when it is final (`None`
+/// for a 1xx other than 101, which is skipped). `Ok(None)` until the head is complete.
+fn parse_response_head(bytes: &Bytes) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => {
-            let code = response.code.unwrap_or(0);
-            if (100..200).contains(&code) {
-                if code == 101 {
-                    return Err(bad_response(
-                        "101 Switching Protocols to a request that did not ask to upgrade",
-                    ));
-                }
-                return Ok(Some((len, Parsed::Interim)));
-            }
-            Ok(Some((len, Parsed::Final)))
+    let len = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(bad_response("a response head with more than 100 headers")),
+        Err(e) => return Err(bad_response(&format!("a malformed response head ({e})"))),
+    };
+    let code = response.code.unwrap_or(0);
+    if (100..200).contains(&code) {
+        if code == 101 {
+            return Err(bad_response(
+                "101 Switching Protocols to a request that did not ask to upgrade",
+            ));
         }
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(bad_response("a response head with more than 100 headers")),
-        Err(e) => Err(bad_response(&format!("a malformed response head ({e})"))),
+        return Ok(Some((len, None)));
     }
+    Ok(Some((len, Some(build_head(&response, bytes)?))))
 }
 
-/// Turn a complete final head into status, headers (values are slices of `head`) and framing.
-fn build_head(head: &Bytes) -> io::Result<ResponseHead> {
-    let mut parsed_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut parsed_headers);
-    if !matches!(response.parse(head), Ok(httparse::Status::Complete(_))) {
-        return Err(bad_response("a malformed response head"));
-    }
+/// Status, headers (values are slices of `bytes`) and framing of a final head.
+fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Result<ResponseHead> {
     let version = match response.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
@@ -497,7 +495,7 @@ fn build_head(head: &Bytes) -> io::Result<ResponseHead> {
                 }
             }
         }
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(h.value))
             .map_err(|_| bad_response("an invalid header value"))?;
         headers.append(name, value);
     }
@@ -784,7 +782,11 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let head = |s: &str| build_head(&Bytes::from(s.to_string()));
+        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string())) {
+            Ok(Some((_, Some(head)))) => Ok(head),
+            Ok(_) => panic!("not a complete final head: {s:?}"),
+            Err(e) => Err(e),
+        };
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n").unwrap();
         assert!(matches!(h.framing, Decoder::Length(5)) && h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n").unwrap();
@@ -815,13 +817,14 @@ mod tests {
 
     #[test]
     fn interim_heads_are_skipped_and_101_is_refused() {
+        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s));
         assert!(matches!(
-            parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
-            Ok(Some((25, Parsed::Interim)))
+            parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            Ok(Some((25, None)))
         ));
-        assert!(parse_response_head(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
-        assert!(matches!(parse_response_head(b"HTTP/1.1 200 OK\r\n"), Ok(None)));
-        assert!(parse_response_head(b"HTTP/1.1 200 OK\nx\0: y\r\n\r\n").is_err());
+        assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\n"), Ok(None)));
+        assert!(parse(b"HTTP/1.1 200 OK\nx\0: y\r\n\r\n").is_err());
     }
 
     #[test]

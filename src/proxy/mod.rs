@@ -206,21 +206,21 @@ impl Proxy {
         let mut resent_after_401 = false;
         let mut resends_after_throttle = 0;
         let response = loop {
-            let (mut attempt_headers, body) = match (&replayable, streaming.take()) {
-                (Some(bytes), _) => (headers.clone(), ProxyBody::full(bytes.clone())),
-                (None, Some(incoming)) => {
-                    let body = match self.hardening.limits.max_body_size {
-                        Some(limit) => ProxyBody::Capped {
-                            body: incoming,
-                            remaining: limit,
-                            limit,
-                            exceeded: body_too_large.clone(),
-                            exchange: exchange.clone(),
-                        },
-                        None => ProxyBody::Counted(incoming, exchange.clone()),
-                    };
-                    (std::mem::take(&mut headers), body)
-                }
+            // The headers travel with the attempt and come back with its response (a resend
+            // needs them again): not copied per request.
+            let mut attempt_headers = std::mem::take(&mut headers);
+            let body = match (&replayable, streaming.take()) {
+                (Some(bytes), _) => ProxyBody::full(bytes.clone()),
+                (None, Some(incoming)) => match self.hardening.limits.max_body_size {
+                    Some(limit) => ProxyBody::Capped {
+                        body: incoming,
+                        remaining: limit,
+                        limit,
+                        exceeded: body_too_large.clone(),
+                        exchange: exchange.clone(),
+                    },
+                    None => ProxyBody::Counted(incoming, exchange.clone()),
+                },
                 (None, None) => {
                     return Err(ProxyError::UpstreamUnavailable(
                         "the request body was already sent".into(),
@@ -242,7 +242,8 @@ impl Proxy {
                     self.hardening.limits.max_body_size.unwrap_or_default()
                 )));
             }
-            let response = sent?;
+            let (response, sent_headers) = sent?;
+            headers = sent_headers;
             exchange.set_upstream_latency(sent_at.elapsed());
             if response.status() == StatusCode::UNAUTHORIZED && replayable.is_some() && !resent_after_401 {
                 // The key may have rotated under us: one coalesced refresh, one resend with

@@ -18,7 +18,7 @@
 //! - A reaper task, started with the first pooled connection and ended with the pool, closes
 //!   connections idle longer than `upstream.pool_idle_timeout`, or closed by the upstream.
 
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -103,8 +103,10 @@ impl UpstreamPool {
         }
     }
 
-    /// Send `req` (absolute-form URI, `Host` already set) and wait for the response head.
-    pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<UpstreamBody>, PoolError> {
+    /// Send `req` (absolute-form URI, `Host` already set) and wait for the response head. The
+    /// request's headers come back with it, for a resend: HTTP/1.1 only reads them; for HTTP/2,
+    /// which takes them, they are copied.
+    pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<(Response<UpstreamBody>, HeaderMap), PoolError> {
         // A second round only when a pooled (not a fresh) connection failed before the
         // request was written: a fresh connection that fails that way is the upstream's answer.
         let mut may_resend = true;
@@ -119,15 +121,18 @@ impl UpstreamPool {
                 }
             };
             match checkout {
-                Checkout::Http2(mut sender) => match sender.try_send_request(req).await {
-                    Ok(response) => return Ok(response.map(UpstreamBody::Hyper)),
-                    Err(mut failed) => match failed.take_message() {
-                        Some(unsent) if may_resend => req = unsent,
-                        _ => return Err(PoolError::Send(Box::new(failed.into_error()))),
-                    },
-                },
+                Checkout::Http2(mut sender) => {
+                    let headers = req.headers().clone();
+                    match sender.try_send_request(req).await {
+                        Ok(response) => return Ok((response.map(UpstreamBody::Hyper), headers)),
+                        Err(mut failed) => match failed.take_message() {
+                            Some(unsent) if may_resend => req = unsent,
+                            _ => return Err(PoolError::Send(Box::new(failed.into_error()))),
+                        },
+                    }
+                }
                 Checkout::Http1(conn) => match h1::exchange(conn, req, &self.inner).await {
-                    Ok(response) => return Ok(response.map(UpstreamBody::H1)),
+                    Ok((response, headers)) => return Ok((response.map(UpstreamBody::H1), headers)),
                     Err(ExchangeError::NotSent(_, unsent)) if may_resend => req = *unsent,
                     Err(ExchangeError::NotSent(e, _) | ExchangeError::Failed(e)) => {
                         return Err(PoolError::Send(Box::new(e)))

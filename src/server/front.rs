@@ -376,7 +376,7 @@ async fn write_response<S: Socket>(
         }
     };
 
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
