@@ -58,7 +58,7 @@ def cell(vs):
 
 
 # (scenario, figure, label, target kind, target value)
-# target kinds: "le_nginx" ours <= nginx; "le" ours <= value; "ge_nginx" ours >= nginx; None
+# target kinds: "le_nginx" ours <= nginx; "le" ours <= value; None
 LINES = [
     ("rate1000", "cpu_us", "1000 req/s: CPU µs per request", "le_nginx", None),
     ("rate1000", "p50_ms", "1000 req/s: p50 ms", "le_nginx", None),
@@ -68,7 +68,9 @@ LINES = [
     ("rate5000", "p99_ms", "5000 req/s: p99 ms", None, None),
     ("rate5000", "rps", "5000 req/s: achieved req/s", None, None),
     ("saturated", "cpu_us", "saturated (32 conns): CPU µs per request", "le_nginx", None),
-    ("saturated", "rps", "saturated (32 conns): req/s", "ge_nginx", None),
+    # Reported, not a target (the issue sets none): saturated, the load generator and the
+    # upstream share CPU 0, so the rate measures that CPU as much as the proxy.
+    ("saturated", "rps", "saturated (32 conns): req/s", None, None),
     ("saturated", "p50_ms", "saturated (32 conns): p50 ms", "le_nginx", None),
     ("saturated", "p99_ms", "saturated (32 conns): p99 ms", None, None),
     ("saturated", "peak_mib", "saturated (32 conns): peak RSS MiB", None, None),
@@ -133,8 +135,6 @@ for scenario, figure, label, kind, target in LINES:
         m = statistics.median(ours)
         if kind == "le_nginx" and ngx:
             tgt, met = "≤ nginx", "yes" if m <= statistics.median(ngx) else "**no**"
-        elif kind == "ge_nginx" and ngx:
-            tgt, met = "≥ nginx", "yes" if m >= statistics.median(ngx) else "**no**"
         elif kind == "le":
             tgt, met = f"≤ {fmt(target)}", "yes" if m <= target else "**no**"
     out.append(f"| {label} | {cell(ours)} | {cell(ngx)} | {ratio} | {tgt} | {met} |")
