@@ -318,7 +318,7 @@ async fn every_response_framing_reaches_the_client_whole_and_keeps_the_connectio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heads_that_cannot_be_delimited_are_refused_with_502_and_their_connection_dropped() {
+async fn heads_that_cannot_be_delimited_or_are_too_big_are_refused_with_502_and_their_connection_dropped() {
     let upstream = Scripted::start(Arc::new(|line: &str| match line.split(' ').nth(1).unwrap_or("") {
         "/two-lengths" => {
             Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_vec())
@@ -326,11 +326,25 @@ async fn heads_that_cannot_be_delimited_are_refused_with_502_and_their_connectio
         "/bad-length" => Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5x\r\n\r\nhello".to_vec()),
         "/upgrade" => Reply::Keep(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec()),
         "/garbage" => Reply::Keep(b"HTTP/1.1 2000 What\r\n\r\n".to_vec()),
+        "/huge-head" => Reply::Keep(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+                "a".repeat(70_000)
+            )
+            .into_bytes(),
+        ),
+        "/endless-trailers" => Reply::Keep(
+            format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: {}\r\n\r\n",
+                "t".repeat(20_000)
+            )
+            .into_bytes(),
+        ),
         _ => Reply::Keep(ok("fine")),
     }))
     .await;
     let proxy = proxy_for(&upstream, "").await;
-    for (n, path) in ["/two-lengths", "/bad-length", "/upgrade", "/garbage"]
+    for (n, path) in ["/two-lengths", "/bad-length", "/upgrade", "/garbage", "/huge-head"]
         .iter()
         .enumerate()
     {
@@ -342,9 +356,14 @@ async fn heads_that_cannot_be_delimited_are_refused_with_502_and_their_connectio
         // The connection that sent it is not used again.
         upstream.wait_closed(n + 1).await;
     }
+    // Past its head, a body whose trailers do not end within 16 KiB is cut off.
+    let (status, _, body) = send(&proxy, "GET", "/endless-trailers").await;
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "{body:?}");
+    upstream.wait_closed(6).await;
     let (status, _, body) = send(&proxy, "GET", "/fine").await;
     assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
-    assert_eq!(*upstream.accepted.borrow(), 5);
+    assert_eq!(*upstream.accepted.borrow(), 7);
     proxy.stop().await;
 }
 
