@@ -167,12 +167,12 @@ pub async fn exchange(
     req: Request<ProxyBody>,
     pool: &Arc<PoolInner>,
 ) -> Result<(Response<ResponseBody>, HeaderMap), ExchangeError> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let known_length = body.size_hint().exact();
     let chunked = known_length.is_none();
     let head = encode_request_head(&parts.method, &parts.uri, &parts.headers, known_length);
     // A body already in memory goes out with the head, in one write (one TLS record).
-    let (data, body_done) = match &mut body {
+    let (data, body_done) = match &body {
         ProxyBody::Empty => (Bytes::new(), true),
         ProxyBody::Full(bytes) => (bytes.clone().unwrap_or_default(), true),
         _ => (Bytes::new(), false),
