@@ -52,17 +52,7 @@ struct Scripted {
 impl Scripted {
     async fn start(script: Script) -> Scripted {
         let pki = TestPki::new();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.cert_der.clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
-            )
-            .expect("server cert");
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = pki.server_config(&[b"http/1.1"]);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();

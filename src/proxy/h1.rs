@@ -37,6 +37,7 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::framing::parse_digits;
 use super::pool::PoolInner;
+use super::wire::{decimal, list_tokens, put_header};
 
 /// A response head may be at most this long (hyper's client allows about the same).
 const MAX_HEAD: usize = 64 * 1024;
@@ -281,26 +282,6 @@ fn carries_body(method: &Method) -> bool {
     )
 }
 
-/// The decimal digits of `n`, written into `space` (no `format!` on the request path).
-fn decimal(mut n: u64, space: &mut [u8; 20]) -> &[u8] {
-    let mut at = space.len();
-    loop {
-        at -= 1;
-        space[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &space[at..];
-        }
-    }
-}
-
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The request going out: its head, then its body frame by frame.
 struct Upload {
     /// Not yet written of the head (and of a chunk-size line).
@@ -483,11 +464,11 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Resul
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the last coding counts: chunked must be the final one to delimit the body.
-            if let Some(last) = h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).next_back() {
+            if let Some(last) = list_tokens(h.value).next_back() {
                 chunked_last = last.eq_ignore_ascii_case(b"chunked");
             }
         } else if name == header::CONNECTION {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in list_tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {

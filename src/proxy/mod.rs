@@ -20,6 +20,7 @@ pub mod retry;
 pub mod rewrite;
 pub mod tunnel;
 pub mod upgrade;
+pub mod wire;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};

@@ -36,6 +36,7 @@ use crate::proxy::body::ClientBody;
 use crate::proxy::caller::ConnInfo;
 use crate::proxy::framing::parse_digits;
 use crate::proxy::retry::MAX_REPLAYABLE_BODY;
+use crate::proxy::wire::{decimal, list_tokens, put_header};
 use crate::App;
 
 /// Headers a plain request may have; a head with more goes to hyper (which applies the
@@ -287,7 +288,7 @@ fn parse_plain(head: &Bytes) -> Option<(http::request::Parts, usize, bool)> {
             }
             content_length = Some(parse_digits(h.value)?);
         } else if name == header::CONNECTION {
-            for token in connection_tokens(h.value) {
+            for token in list_tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close_requested = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
@@ -394,7 +395,7 @@ async fn write_response<S: Socket>(
     }
     match framing {
         Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
-            put_header(&mut out, b"content-length", n.to_string().as_bytes());
+            put_header(&mut out, b"content-length", decimal(n, &mut [0; 20]));
         }
         Framing::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
         _ => {}
@@ -496,19 +497,7 @@ fn asks_to_close(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .any(|v| connection_tokens(v.as_bytes()).any(|token| token.eq_ignore_ascii_case(b"close")))
-}
-
-/// The comma-separated tokens of one `Connection` value, trimmed.
-fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
-}
-
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+        .any(|v| list_tokens(v.as_bytes()).any(|token| token.eq_ignore_ascii_case(b"close")))
 }
 
 /// `a` then `b`, in as few writes as the socket takes.

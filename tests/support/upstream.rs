@@ -67,6 +67,24 @@ impl TestPki {
     }
 }
 
+impl TestPki {
+    /// A rustls server config presenting the leaf certificate and offering `alpn`.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.cert_der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into()),
+            )
+            .expect("server cert");
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tls
+    }
+}
+
 /// Options for one upstream.
 #[derive(Clone, Copy)]
 pub struct UpstreamOptions {
@@ -205,21 +223,12 @@ impl TestUpstream {
 
     pub async fn start_with(options: UpstreamOptions) -> TestUpstream {
         let pki = TestPki::new();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.cert_der.clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
-            )
-            .expect("server cert");
-        tls.alpn_protocols = if options.http2 {
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        let alpn: &[&[u8]] = if options.http2 {
+            &[b"h2", b"http/1.1"]
         } else {
-            vec![b"http/1.1".to_vec()]
+            &[b"http/1.1"]
         };
+        let tls = pki.server_config(alpn);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
