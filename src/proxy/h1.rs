@@ -33,6 +33,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use super::body::ProxyBody;
 use super::framing::parse_digits;
@@ -49,60 +50,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// What a read asks room for: a TLS record's worth.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// The socket under an upstream connection. Its size does not matter: it lives boxed, in
-/// [`H1Conn`].
-#[allow(clippy::large_enum_variant)]
-pub enum UpstreamIo {
-    Tcp(TcpStream),
-    Tls(tokio_rustls::client::TlsStream<TcpStream>),
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// The socket under an upstream connection: plain TCP (an `http://` upstream) or TLS.
+pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// One HTTP/1.1 connection to the upstream. Boxed: it moves in and out of the pool per
 /// request, and the TLS state is over a kilobyte.
@@ -237,7 +186,7 @@ pub async fn exchange(
         conn: Some(conn),
         decoder: framing,
         reusable,
-        pool: Some(pool.clone()),
+        pool: pool.clone(),
     };
     if matches!(body.decoder, Decoder::Done | Decoder::Length(0)) {
         body.decoder = Decoder::Done;
@@ -537,15 +486,15 @@ pub struct ResponseBody {
     decoder: Decoder,
     /// The connection may carry another request once this body ends.
     reusable: bool,
-    pool: Option<Arc<PoolInner>>,
+    pool: Arc<PoolInner>,
 }
 
 impl ResponseBody {
     /// The body ended: the connection goes back to the pool, or is closed.
     fn release(&mut self) {
-        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take()) {
+        if let Some(conn) = self.conn.take() {
             if self.reusable {
-                pool.put_back_http1(conn);
+                self.pool.put_back_http1(conn);
             }
         }
     }
@@ -611,8 +560,8 @@ impl Body for ResponseBody {
             };
             if n == 0 {
                 if matches!(this.decoder, Decoder::UntilClose) {
+                    // The end of this body (never reusable: see `exchange`).
                     this.decoder = Decoder::Done;
-                    this.reusable = false;
                     continue;
                 }
                 return this.fail(io::Error::new(

@@ -191,14 +191,14 @@ impl PoolInner {
             .map_err(|e| PoolError::Connect(Box::new(e)))?
             .into_inner();
         let Some((tls, server_name)) = &connector.tls else {
-            return Ok(Checkout::Http1(H1Conn::new(UpstreamIo::Tcp(tcp))));
+            return Ok(Checkout::Http1(H1Conn::new(UpstreamIo::Left(tcp))));
         };
         let stream = tls
             .connect(server_name.clone(), tcp)
             .await
             .map_err(|e| PoolError::Connect(Box::new(e)))?;
         if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Ok(Checkout::Http1(H1Conn::new(UpstreamIo::Tls(stream))));
+            return Ok(Checkout::Http1(H1Conn::new(UpstreamIo::Right(stream))));
         }
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
