@@ -7,10 +7,14 @@
 //! error is built from what the proxy knows about the request, never from secrets.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use std::time::Duration;
 
-use crate::proxy::body::ProxyBody;
+/// Correlates a client's request, our log line and the upstream's request.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Errors of a body in either direction: hyper's, or the proxy's own bounds.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error the proxy answers itself. Upstream errors are not this type: they pass through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,15 +111,15 @@ impl ProxyError {
 
     /// The whole response. `Connection: close` is added for framing errors by the caller, and
     /// here for 413: the body was not read, so the connection cannot carry another request.
-    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+    pub fn into_response<B: From<Bytes>>(self, request_id: &str) -> Response<B> {
         let (status, _) = self.status_and_code();
         let body = self.to_json(request_id).to_string();
-        let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
+        let mut response = Response::new(B::from(Bytes::from(body)));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Ok(id) = HeaderValue::from_str(request_id) {
-            headers.insert(crate::proxy::REQUEST_ID_HEADER, id);
+            headers.insert(REQUEST_ID_HEADER, id);
         }
         if let ProxyError::RateLimited { retry_after, .. } = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
@@ -171,7 +175,7 @@ mod tests {
             message: "queue full".into(),
             retry_after: Duration::from_millis(1500),
         };
-        let response = err.into_response("abc");
+        let response: Response<Bytes> = err.into_response("abc");
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");

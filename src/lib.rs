@@ -2,27 +2,35 @@
 //! that hold no credentials, and forwards them over verified TLS.
 //!
 //! [`run`] is the seam: `main.rs` and the integration tests both build a [`Config`], bind
-//! [`Listeners`], and call it. Module map (a room per concern):
-//! `config` (the TOML contract), `keys` (sources and rotation), `proxy` (the request path),
-//! `admin` (`/health`, `/ready`, `/metrics`, the optional admin listener), `server` (listeners
-//! and connections), `error` (the JSON error table), `reload` (the per-run state and SIGHUP),
-//! `exchange` (the access line and request metrics), `metrics` (the families).
+//! [`Listeners`], and call it. Rooms by direction, each importing only from the rooms below it:
+//!
+//! - `server`: the client side: listeners, the plain-request front end, admin endpoints, and
+//!   the checks a request passes before anything is forwarded (caller, guard, size limits,
+//!   path policy).
+//! - `proxy`: the request path: key, rewrite, admission, resend, response and tunnel bodies,
+//!   the access line.
+//! - `upstream`: the upstream side: connection pool, our HTTP/1.1 client, hyper's HTTP/2 and
+//!   WebSocket clients.
+//! - the ground they stand on: `config` (the TOML contract, a file per section), `error` (the
+//!   JSON error table), `keys` (sources and rotation), `limits`, `metrics`, `timeouts`, `tls`.
+//!
+//! `reload` sits above them all: it builds the per-run state from a config and swaps it on
+//! SIGHUP.
 
-pub mod admin;
 pub mod config;
 pub mod error;
-pub mod exchange;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
-pub mod systemd;
 pub mod timeouts;
+pub mod tls;
+pub mod upstream;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use std::future::Future;
 use std::sync::Arc;
@@ -32,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use server::Listeners;
 
-use exchange::{Exchange, ObservedBody};
-use proxy::body::ProxyBody;
 use proxy::tunnel::Tunnels;
+use server::app::App;
+use server::systemd;
 
 /// How long start-up waits for the first key fetch before serving anyway (with `/ready` 503
 /// and `KEY_UNAVAILABLE` answers until the source comes up).
@@ -43,71 +51,10 @@ pub const INITIAL_KEY_WAIT: Duration = Duration::from_secs(2);
 /// itself once Redis answers).
 pub const SHARED_LIMITS_WAIT: Duration = Duration::from_secs(2);
 
-/// What every connection shares: the swappable per-run state and the run-wide parts.
-pub struct App {
-    /// Replaced whole by a reload; each request loads it once and finishes on it.
-    state: Arc<ArcSwap<reload::RunState>>,
-    metrics: Arc<metrics::Metrics>,
-    /// `[admin] address` is set: `/metrics` is served there, not on the main listeners.
-    metrics_on_main: bool,
-}
-
-impl App {
-    /// `conn` is passed beside the request rather than in its extensions: inserting it there
-    /// allocated a type map per request.
-    async fn handle(
-        &self,
-        req: Request<proxy::body::ClientBody>,
-        conn: proxy::caller::ConnInfo,
-    ) -> Response<ObservedBody> {
-        let transport = conn.transport;
-        let state = self.state.load_full();
-        // Before anything else, admin endpoints included: a refused caller learns nothing.
-        let peer_uid = conn.peer_uid;
-        if let Err(refused) = state.proxy.hardening.callers.check_peer(Some(&conn)) {
-            tracing::debug!(peer_uid, "caller refused");
-            let (parts, body) = refused.into_response(&proxy::request_id(&req)).into_parts();
-            let status = parts.status;
-            return Response::from_parts(parts, ObservedBody::new(body, status, None));
-        }
-        if admin::is_admin_request(&req) {
-            let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
-                admin::metrics_elsewhere()
-            } else {
-                admin::respond(&req, &state.keys.store, &self.metrics)
-            };
-            // Probes and scrapes are not API traffic: no access line, no request metrics.
-            let (parts, body) = response.into_parts();
-            return Response::from_parts(parts, ObservedBody::new(body, http::StatusCode::OK, None));
-        }
-        let class = state.limiter.class_for(req.uri().path()).name();
-        let exchange = Arc::new(Exchange::new(
-            req.method().clone(),
-            req.uri().path(),
-            state.request_metrics.class(class),
-            // The caller's uid on a Unix socket (SO_PEERCRED).
-            peer_uid,
-            state.config.log.access,
-        ));
-        let response = state.proxy.handle(req, transport, &exchange).await;
-        let (parts, body) = response.into_parts();
-        let status = parts.status;
-        Response::from_parts(parts, ObservedBody::new(body, status, Some(exchange)))
-    }
-
-    /// `/health`, `/ready` and `/metrics` on the `[admin] address`.
-    fn handle_admin<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
-        if !admin::is_admin_request(req) {
-            return admin::not_found();
-        }
-        admin::respond(req, &self.state.load().keys.store, &self.metrics)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Upstream(#[from] proxy::forward::UpstreamSetupError),
+    Upstream(#[from] upstream::UpstreamSetupError),
     #[error("key source: {0}")]
     KeySource(#[from] keys::KeyError),
     #[error("{0}")]
@@ -203,7 +150,7 @@ pub async fn run_with_reload(
 
     if let Some(listener) = admin_listener {
         let app = app.clone();
-        tokio::spawn(admin::serve(
+        tokio::spawn(server::admin::serve(
             listener,
             Arc::new(move |req: &Request<Incoming>| app.handle_admin(req)),
             token.clone(),

@@ -162,7 +162,8 @@ struct ReloadFrom {
 
 fn run(config: Config, reload_from: ReloadFrom) -> anyhow::Result<()> {
     // Before the runtime starts threads: this also clears the LISTEN_* variables.
-    let inherited = smallest_proxy::systemd::inherited_sockets().context("taking the sockets systemd passed")?;
+    let inherited =
+        smallest_proxy::server::systemd::inherited_sockets().context("taking the sockets systemd passed")?;
     // Confined to one CPU (taskset, a cpuset, a one-CPU container quota), the multi-thread
     // scheduler runs one worker and only adds cross-thread handoffs: the current-thread
     // scheduler does the same work for less CPU per request (benches/RESULTS.md).

@@ -1,5 +1,5 @@
-//! The per-run state a request uses ([`RunState`]: config, upstream clients, key store, limits,
-//! request metrics), how it is built, and how SIGHUP replaces it.
+//! How the per-run state a request uses ([`RunState`]: config, client-side checks, upstream
+//! clients, key store, limits, request metrics) is built, and how SIGHUP replaces it.
 //!
 //! A reload re-reads the config file (and the same environment), builds a complete new state
 //! beside the running one, and only then swaps it in with one atomic store: a request loads the
@@ -20,38 +20,15 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
-use crate::exchange::RequestMetrics;
-use crate::keys::{self, KeyStore};
-use crate::limits::{self, redis::SharedStore, Limiter};
+use crate::keys::{self, KeyRuntime, KeyStore};
+use crate::limits::{self, redis::SharedStore};
 use crate::metrics::{Metrics, ReloadLabels};
-use crate::proxy::guard::Guard;
+use crate::proxy::exchange::RequestMetrics;
 use crate::proxy::tunnel::Tunnels;
-use crate::proxy::{forward::Upstream, Proxy};
+use crate::proxy::{Bounds, Proxy};
+use crate::server::app::{Checks, RunState};
+use crate::upstream::Upstream;
 use crate::{RunError, INITIAL_KEY_WAIT, SHARED_LIMITS_WAIT};
-
-/// Everything a request needs that a reload may replace.
-pub struct RunState {
-    pub config: Config,
-    pub proxy: Proxy,
-    pub keys: Arc<KeyRuntime>,
-    pub limiter: Arc<Limiter>,
-    shared: Option<Arc<SharedStore>>,
-    pub request_metrics: RequestMetrics,
-}
-
-/// A key store with its background refresher and file watcher; both stop when the last state
-/// using this store is gone (a reload replaced `[key]` and the last request on it ended).
-pub struct KeyRuntime {
-    pub store: Arc<KeyStore>,
-    stop: CancellationToken,
-    _watcher: Option<notify::RecommendedWatcher>,
-}
-
-impl Drop for KeyRuntime {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 /// What every state of one run shares.
 pub struct Shared {
@@ -88,7 +65,7 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
     let upstream = Upstream::new(&config.upstream)?;
     // Caller control, size limits and path policy: a bad token file fails here, before a key
     // source is started for nothing.
-    let hardening = crate::proxy::Hardening::from_config(&config).map_err(RunError::Hardening)?;
+    let checks = Checks::from_config(&config).map_err(RunError::Hardening)?;
     let keys = match previous {
         Some(p) if p.config.key == config.key && p.config.auth == config.auth => p.keys.clone(),
         _ => {
@@ -114,11 +91,7 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
                 (config::KeySourceKind::File, Some(path)) => keys::file::watch(path, store.clone()),
                 _ => None,
             };
-            Arc::new(KeyRuntime {
-                store,
-                stop,
-                _watcher: watcher,
-            })
+            Arc::new(KeyRuntime::new(store, stop, watcher))
         }
     };
     let (limiter, shared_store) = match previous {
@@ -139,16 +112,17 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
             (limiter, store)
         }
     };
-    let guard = Guard {
-        check_host: !config.listen.allow_remote,
-        allowed_origins: config.listen.allowed_origins.clone(),
-    };
     let request_metrics = RequestMetrics::new(limiter.classes().iter().map(|c| c.name()), &shared.metrics);
-    let proxy = Proxy::new(upstream, keys.store.clone(), guard, limiter.clone())
-        .with_hardening(hardening)
-        .with_tunnels(shared.tunnels.clone());
+    let proxy = Proxy::new(
+        upstream,
+        keys.store.clone(),
+        limiter.clone(),
+        Bounds::from_config(&config),
+    )
+    .with_tunnels(shared.tunnels.clone());
     Ok(RunState {
         config,
+        checks,
         proxy,
         keys,
         limiter,

@@ -383,6 +383,34 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
+/// A key store with its background refresher and file watcher; both stop when the last state
+/// using this store is gone (a reload replaced `[key]` and the last request on it ended).
+pub struct KeyRuntime {
+    pub store: Arc<KeyStore>,
+    stop: tokio_util::sync::CancellationToken,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl KeyRuntime {
+    pub fn new(
+        store: Arc<KeyStore>,
+        stop: tokio_util::sync::CancellationToken,
+        watcher: Option<notify::RecommendedWatcher>,
+    ) -> KeyRuntime {
+        KeyRuntime {
+            store,
+            stop,
+            _watcher: watcher,
+        }
+    }
+}
+
+impl Drop for KeyRuntime {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,7 +84,7 @@ impl VaultSource {
             .address
             .clone()
             .ok_or_else(|| KeyError::Source("key.vault.address is not set".into()))?;
-        let tls = crate::proxy::forward::client_tls_config(config.ca_file.as_deref())
+        let tls = crate::tls::client_tls_config(config.ca_file.as_deref())
             .map_err(|e| KeyError::Source(format!("vault TLS setup: {e}")))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);

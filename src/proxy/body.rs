@@ -17,12 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::exchange::Exchange;
+use super::exchange::Exchange;
+pub use crate::error::BodyError;
 use crate::limits::Permit;
 use crate::timeouts::IdleTimer;
-
-/// Errors of a body in either direction: hyper's, or the proxy's own bounds.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::body::UpstreamBody;
 
 /// A streamed request body that passed `listen.max_body_size`.
 #[derive(Debug, thiserror::Error)]
@@ -34,39 +33,6 @@ pub struct BodyTooLarge(pub u64);
 pub enum ClientBody {
     Streaming(Incoming),
     Whole(Bytes),
-}
-
-/// An upstream response body: read straight from a pooled HTTP/1.1 connection by the request's
-/// task ([`super::h1`]), or streamed by hyper (HTTP/2, WebSocket handshakes).
-pub enum UpstreamBody {
-    H1(super::h1::ResponseBody),
-    Hyper(Incoming),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::H1(body) => body.is_end_stream(),
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::H1(body) => body.size_hint(),
-            UpstreamBody::Hyper(body) => body.size_hint(),
-        }
-    }
 }
 
 pub enum ProxyBody {
@@ -101,6 +67,12 @@ impl ProxyBody {
         } else {
             ProxyBody::Full(Some(bytes))
         }
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(bytes: Bytes) -> ProxyBody {
+        ProxyBody::full(bytes)
     }
 }
 

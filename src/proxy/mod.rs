@@ -1,105 +1,74 @@
-//! The request path: guard → key → rewrite → forward → respond (DESIGN.md, "One request").
+//! The request path, between the client side (`server`) and the upstream side (`upstream`):
+//! key → rewrite → admit → send → resend → respond (DESIGN.md, "One request").
 //!
-//! [`Proxy::handle`] is the whole per-request behaviour; each step lives in its own file:
-//! `guard` (what is refused), `rewrite` (headers and URI), `forward` (the upstream clients),
-//! `upgrade` (WebSocket tunnels), `body` (the streamed body type), and the hardening checks:
-//! `caller` (uid and local token), `request_limits` (sizes), `policy` (method and path rules).
-//! Errors anywhere become one
-//! JSON answer from [`crate::error`]; upstream answers, errors included, pass through as they are.
+//! [`Proxy::handle`] is the whole per-request behaviour once the client side has accepted the
+//! request (caller, guard, size limits and path policy run before it, in `server::app`). Each
+//! step lives in its own file: `rewrite` (headers and URI), `resend` (which bodies can be sent
+//! again), `body` (the streamed body types), `upgrade` and `tunnel` (WebSocket), `exchange`
+//! (the access line and request metrics). Errors anywhere become one JSON answer from
+//! [`crate::error`]; upstream answers, errors included, pass through as they are.
 
 pub mod body;
-pub mod caller;
-pub mod forward;
-pub mod framing;
-pub mod guard;
-pub mod h1;
-pub mod policy;
-pub mod pool;
-pub mod request_limits;
-pub mod retry;
+pub mod exchange;
+pub mod resend;
 pub mod rewrite;
 pub mod tunnel;
 pub mod upgrade;
-pub mod wire;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::error::ProxyError;
-use crate::exchange::Exchange;
 use crate::keys::KeyStore;
 use crate::limits::{self, Limiter};
 use crate::timeouts::IdleTimer;
+use crate::upstream::body::SendBody;
+use crate::upstream::Upstream;
 use body::{ClientBody, ProxyBody};
-use forward::Upstream;
-use guard::{Guard, Transport};
-use retry::OutgoingBody;
+use exchange::Exchange;
+use resend::OutgoingBody;
 
-/// Correlates a client's request, our log line and the upstream's request.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::error::REQUEST_ID_HEADER;
 
 pub struct Proxy {
     upstream: Upstream,
     keys: Arc<KeyStore>,
-    guard: Guard,
     limiter: Arc<Limiter>,
-    pub(crate) hardening: Hardening,
+    bounds: Bounds,
     tunnels: tunnel::Tunnels,
 }
 
-/// The issue-6 checks and bounds on the request path, from `[listen]`, `[upstream]` and
-/// `[policy]`.
-#[derive(Debug, Clone)]
-pub struct Hardening {
-    pub callers: caller::CallerControl,
-    pub limits: request_limits::RequestLimits,
-    pub paths: policy::PathPolicy,
+/// The request path's own bounds, from `[listen]` and `[upstream]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// A streamed upload fails past this many bytes (`listen.max_body_size`).
+    pub max_body_size: Option<u64>,
+    /// A response body or tunnel silent this long is cut (`upstream.stream_idle_timeout`).
     pub stream_idle_timeout: Duration,
 }
 
-impl Hardening {
-    pub fn from_config(config: &Config) -> Result<Hardening, String> {
-        Ok(Hardening {
-            callers: caller::CallerControl::from_config(&config.listen)
-                .map_err(|e| format!("listen.token_file: {e}"))?,
-            limits: request_limits::RequestLimits::from_config(&config.listen),
-            paths: policy::PathPolicy::from_config(&config.policy),
+impl Bounds {
+    pub fn from_config(config: &crate::config::Config) -> Bounds {
+        Bounds {
+            max_body_size: config.listen.max_body_size,
             stream_idle_timeout: config.upstream.stream_idle_timeout,
-        })
-    }
-}
-
-impl Default for Hardening {
-    fn default() -> Self {
-        Hardening {
-            callers: caller::CallerControl::default(),
-            limits: request_limits::RequestLimits::from_config(&crate::config::ListenConfig::default()),
-            paths: policy::PathPolicy::default(),
-            stream_idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
 }
 
 impl Proxy {
-    pub fn new(upstream: Upstream, keys: Arc<KeyStore>, guard: Guard, limiter: Arc<Limiter>) -> Proxy {
+    pub fn new(upstream: Upstream, keys: Arc<KeyStore>, limiter: Arc<Limiter>, bounds: Bounds) -> Proxy {
         Proxy {
             upstream,
             keys,
-            guard,
             limiter,
-            hardening: Hardening::default(),
+            bounds,
             tunnels: tunnel::Tunnels::default(),
         }
-    }
-
-    pub fn with_hardening(mut self, hardening: Hardening) -> Proxy {
-        self.hardening = hardening;
-        self
     }
 
     /// Spawn WebSocket tunnels on `tunnels` (the run's drain tracks and closes them).
@@ -118,24 +87,22 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: Request<ClientBody>,
-        transport: Transport,
+        request_id: &str,
         exchange: &Arc<Exchange>,
     ) -> Response<ProxyBody> {
-        let request_id = request_id(&req);
-        exchange.set_request_id(&request_id);
         // Boxed, like the admission and body steps inside it: rustc lays an awaited future out
         // beside its caller's state rather than over it, so inline the request's future was
         // ~13 KiB, allocated and copied per request (and cold at low request rates). Boxed,
         // each part is only as big as itself.
-        let mut response = match Box::pin(self.forward(req, transport, &request_id, exchange)).await {
+        let mut response = match Box::pin(self.forward(req, request_id, exchange)).await {
             Ok(response) => response,
             Err(err) => {
                 tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
-                err.into_response(&request_id)
+                err.into_response(request_id)
             }
         };
         if !response.headers().contains_key(REQUEST_ID_HEADER) {
-            if let Ok(id) = HeaderValue::from_str(&request_id) {
+            if let Ok(id) = HeaderValue::from_str(request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
             }
         }
@@ -145,14 +112,9 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<ClientBody>,
-        transport: Transport,
         request_id: &str,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.guard.check(&req, transport)?;
-        self.hardening.limits.check(&req)?;
-        self.hardening.callers.take_token(req.headers_mut())?;
-        self.hardening.paths.check(req.method(), req.uri().path())?;
         // One load: this request (and its tunnel, if any) keeps this key even if it rotates
         // now; only a 401 resend switches it, explicitly.
         let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
@@ -176,7 +138,7 @@ impl Proxy {
             headers.remove(http::header::CONTENT_LENGTH);
             OutgoingBody::Replayable(Bytes::new())
         } else {
-            Box::pin(retry::prepare(&headers, body)).await?
+            Box::pin(resend::prepare(&headers, body)).await?
         };
         let (replayable, mut streaming) = match body {
             OutgoingBody::Replayable(bytes) => {
@@ -211,8 +173,8 @@ impl Proxy {
             // needs them again): not copied per request.
             let mut attempt_headers = std::mem::take(&mut headers);
             let body = match (&replayable, streaming.take()) {
-                (Some(bytes), _) => ProxyBody::full(bytes.clone()),
-                (None, Some(incoming)) => match self.hardening.limits.max_body_size {
+                (Some(bytes), _) => SendBody::full(bytes.clone()),
+                (None, Some(incoming)) => SendBody::streaming(match self.bounds.max_body_size {
                     Some(limit) => ProxyBody::Capped {
                         body: incoming,
                         remaining: limit,
@@ -221,7 +183,7 @@ impl Proxy {
                         exchange: exchange.clone(),
                     },
                     None => ProxyBody::Counted(incoming, exchange.clone()),
-                },
+                }),
                 (None, None) => {
                     return Err(ProxyError::UpstreamUnavailable(
                         "the request body was already sent".into(),
@@ -240,7 +202,7 @@ impl Proxy {
             if body_too_large.load(Ordering::SeqCst) {
                 return Err(ProxyError::PayloadTooLarge(format!(
                     "the request body grew past {} bytes (listen.max_body_size); it was not forwarded whole",
-                    self.hardening.limits.max_body_size.unwrap_or_default()
+                    self.bounds.max_body_size.unwrap_or_default()
                 )));
             }
             let (response, sent_headers) = sent?;
@@ -292,7 +254,7 @@ impl Proxy {
                     response,
                     request_id.to_string(),
                     permit,
-                    self.hardening.stream_idle_timeout,
+                    self.bounds.stream_idle_timeout,
                     &self.tunnels,
                 ));
             }
@@ -300,7 +262,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         rewrite::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        let idle = IdleTimer::new(self.hardening.stream_idle_timeout);
+        let idle = IdleTimer::new(self.bounds.stream_idle_timeout);
         Ok(Response::from_parts(
             parts,
             ProxyBody::Limited(body, Some(permit), idle),

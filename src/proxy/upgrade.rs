@@ -15,11 +15,12 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-use super::body::{ProxyBody, UpstreamBody};
+use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
 use super::tunnel::{self, Tunnels};
 use crate::limits::Permit;
 use crate::timeouts::{until_idle, Activity, ActivityIo};
+use crate::upstream::body::UpstreamBody;
 
 /// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {

@@ -30,14 +30,13 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::app::App;
+use super::caller::ConnInfo;
 use super::ConnSettings;
-use crate::exchange::ObservedBody;
 use crate::proxy::body::ClientBody;
-use crate::proxy::caller::ConnInfo;
-use crate::proxy::framing::parse_digits;
-use crate::proxy::retry::MAX_REPLAYABLE_BODY;
-use crate::proxy::wire::{decimal, list_tokens, put_header};
-use crate::App;
+use crate::proxy::exchange::ObservedBody;
+use crate::proxy::resend::MAX_REPLAYABLE_BODY;
+use crate::upstream::wire::{decimal, list_tokens, parse_digits, put_header};
 
 /// Headers a plain request may have; a head with more goes to hyper (which applies the
 /// configured bound and answers).

@@ -15,7 +15,15 @@
 //! deadlines; a connection handed to hyper gets an idle watchdog
 //! ([`crate::timeouts::watch_connection`]) beside hyper's own timers.
 
+pub mod admin;
+pub mod app;
+pub mod caller;
+pub mod framing;
 mod front;
+pub mod guard;
+pub mod policy;
+pub mod request_limits;
+pub mod systemd;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -34,13 +42,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::ListenConfig;
-use crate::exchange::ObservedBody;
 use crate::proxy::body::ClientBody;
-use crate::proxy::caller::ConnInfo;
-use crate::proxy::framing::{self, FramingTap};
-use crate::proxy::request_limits::RequestLimits;
+use crate::proxy::exchange::ObservedBody;
 use crate::timeouts::{watch_connection, Activity, ActivityIo, ConnDeadline, Tracked};
-use crate::App;
+use app::App;
+use caller::ConnInfo;
+use framing::FramingTap;
+use request_limits::RequestLimits;
 
 /// Bound sockets, ready to serve. Binding is separate from serving so tests (and socket
 /// activation) can bind port 0 and read the port back before the proxy starts.

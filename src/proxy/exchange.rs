@@ -25,8 +25,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use super::body::{BodyError, ProxyBody};
 use crate::metrics::{CallerLabels, ClassLabel, Metrics, RequestLabels};
-use crate::proxy::body::{BodyError, ProxyBody};
 
 /// The `tracing` target of access lines, so a filter can route or silence them alone.
 pub const ACCESS_TARGET: &str = "smallest_proxy::access";

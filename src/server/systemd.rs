@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use crate::server::Listeners;
+use super::Listeners;
 
 /// First inherited descriptor (sd_listen_fds(3)).
 const SD_LISTEN_FDS_START: RawFd = 3;

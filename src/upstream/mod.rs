@@ -1,8 +1,12 @@
 //! The upstream side: verified TLS, pooled connections, timeouts, and error classification.
+//! It knows nothing of clients: it takes a request with its `Host` and key already set, and
+//! gives back the response head and a body that streams. Rooms: `base` (where the upstream
+//! is), `pool` (connections), `h1` (our HTTP/1.1 client), `wire` (HTTP/1.1 bytes shared with
+//! the client side's plain path), `body` (what is sent and received).
 //!
 //! Two pools share one TLS configuration. The main one ([`UpstreamPool`]) offers ALPN `h2` and
 //! `http/1.1` so requests multiplex over HTTP/2 when the upstream speaks it (HTTP/1.1 goes
-//! through our own client, [`super::h1`]); the WebSocket one
+//! through our own client, [`h1`]); the WebSocket one
 //! (hyper-util's client, which joins upgraded connections) offers only `http/1.1`, because the
 //! upgrade handshake (RFC 6455) is an HTTP/1.1 mechanism.
 //! Redirects are never followed (hyper's client does not), so the key can only ever travel to
@@ -13,18 +17,24 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::body::{ProxyBody, UpstreamBody};
-use super::pool::{Connector, PoolError, UpstreamPool};
-use super::rewrite::UpstreamBase;
+pub mod base;
+pub mod body;
+pub mod h1;
+pub mod pool;
+pub mod wire;
+
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
+use crate::tls::{client_tls_config, TlsSetupError};
+pub use base::UpstreamBase;
+use body::{SendBody, UpstreamBody};
+use pool::{Connector, PoolError, UpstreamPool};
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+type HttpsClient = Client<HttpsConnector<HttpConnector>, SendBody>;
 
 /// Pooled clients to the one upstream.
 pub struct Upstream {
@@ -38,10 +48,8 @@ pub struct Upstream {
 pub enum UpstreamSetupError {
     #[error("upstream.url: {0}")]
     Url(String),
-    #[error("upstream.ca_file {path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("TLS setup: {0}")]
-    Tls(String),
+    #[error("upstream.{0}")]
+    Tls(#[from] TlsSetupError),
 }
 
 impl Upstream {
@@ -103,7 +111,7 @@ impl Upstream {
     /// response, for a resend.
     pub async fn send(
         &self,
-        req: Request<ProxyBody>,
+        req: Request<SendBody>,
         websocket: bool,
     ) -> Result<(Response<UpstreamBody>, HeaderMap), ProxyError> {
         let sent = if websocket {
@@ -128,38 +136,6 @@ impl Upstream {
             ))),
         }
     }
-}
-
-/// The public web roots plus the optional `ca_file`, ring crypto, TLS 1.2 and 1.3. Shared by
-/// the upstream clients and the Vault client.
-pub fn client_tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, UpstreamSetupError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let ca_err = |reason: String| UpstreamSetupError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| ca_err(format!("not PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(ca_err("holds no PEM certificate".into()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamSetupError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tls)
 }
 
 /// Map a client error to the proxy's table: TLS failures, timeouts, and everything else that

@@ -26,8 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::proxy::body::ProxyBody;
+use crate::upstream::wire::parse_digits;
 
 /// Largest request head the tap buffers; hyper refuses bigger ones itself (its read buffer).
 const MAX_WATCHED_HEAD: usize = 512 * 1024;
@@ -263,20 +264,6 @@ fn is_plain_chunked(value: &[u8]) -> bool {
     value.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
 
-/// `Content-Length` as hyper reads it: ASCII digits only, no overflow.
-pub(crate) fn parse_digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
-}
-
 /// One byte of chunk framing, exactly as hyper's decoder takes it; `None` where hyper fails
 /// the body (and so closes the connection). `EndLf` followed by `\n` ends the message: the
 /// caller sees `Some(EndLf)` from `EndLf`.
@@ -308,7 +295,7 @@ fn next_chunk_state(chunk: Chunk, byte: u8) -> Option<Chunk> {
 /// The answer to a refused request: `400 BAD_REQUEST` JSON with `Connection: close`, so hyper
 /// neither reads its body nor parses anything after it.
 pub fn refuse<B>(reason: &'static str, req: &http::Request<B>) -> http::Response<ProxyBody> {
-    let request_id = super::request_id(req);
+    let request_id = crate::proxy::request_id(req);
     tracing::debug!(request_id = %request_id, reason, "conflicting request framing refused");
     let mut response = ProxyError::BadRequest(reason.into()).into_response(&request_id);
     response

@@ -28,6 +28,20 @@ pub fn decimal(mut n: u64, space: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// `Content-Length` as hyper reads it: ASCII digits only, no overflow.
+pub fn parse_digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

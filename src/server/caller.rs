@@ -13,18 +13,14 @@
 
 use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
-use std::path::Path;
 use subtle::ConstantTimeEq;
 
 use super::guard::Transport;
-use crate::config::ListenConfig;
+use crate::config::{read_token_file, ListenConfig};
 use crate::error::ProxyError;
 
 /// Where clients put the local token.
 pub const PROXY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-proxy-token");
-
-/// Longest token accepted in the file (the same bound as a key).
-const MAX_TOKEN_BYTES: usize = 4096;
 
 /// What the proxy knows about a client connection, handed with each of its requests to
 /// `App::handle` so later stages (caller checks, access log, metrics) can show the caller.
@@ -70,21 +66,6 @@ impl std::fmt::Debug for CallerControl {
             .field("token", &self.token_digest.map(|_| "<set>"))
             .finish()
     }
-}
-
-/// Read and check the token file; the error is a sentence for the config error.
-pub fn read_token_file(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
-    );
-    let token = text.trim_end_matches(['\r', '\n']);
-    if token.is_empty() || token.len() > MAX_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{} must hold one token of 1 to {MAX_TOKEN_BYTES} visible ASCII characters",
-            path.display()
-        ));
-    }
-    Ok(zeroize::Zeroizing::new(token.to_string()))
 }
 
 impl CallerControl {

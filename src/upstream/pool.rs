@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tower_service::Service;
 
-use super::body::{ProxyBody, UpstreamBody};
+use super::body::{SendBody, UpstreamBody};
 use super::h1::{self, ExchangeError, H1Conn, UpstreamIo};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,13 +83,13 @@ struct Idle {
 }
 
 struct Http2Entry {
-    sender: http2::SendRequest<ProxyBody>,
+    sender: http2::SendRequest<SendBody>,
     last_used: Instant,
 }
 
 enum Checkout {
     Http1(H1Conn),
-    Http2(http2::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<SendBody>),
 }
 
 impl UpstreamPool {
@@ -106,7 +106,7 @@ impl UpstreamPool {
     /// Send `req` (absolute-form URI, `Host` already set) and wait for the response head. The
     /// request's headers come back with it, for a resend: HTTP/1.1 only reads them; for HTTP/2,
     /// which takes them, they are copied.
-    pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<(Response<UpstreamBody>, HeaderMap), PoolError> {
+    pub async fn send(&self, mut req: Request<SendBody>) -> Result<(Response<UpstreamBody>, HeaderMap), PoolError> {
         // A second round only when a pooled (not a fresh) connection failed before the
         // request was written: a fresh connection that fails that way is the upstream's answer.
         let mut may_resend = true;

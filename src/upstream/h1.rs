@@ -35,10 +35,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
-use super::body::ProxyBody;
-use super::framing::parse_digits;
+use super::body::SendBody;
 use super::pool::PoolInner;
-use super::wire::{decimal, list_tokens, put_header};
+use super::wire::{decimal, list_tokens, parse_digits, put_header};
 
 /// A response head may be at most this long (hyper's client allows about the same).
 const MAX_HEAD: usize = 64 * 1024;
@@ -105,7 +104,7 @@ impl H1Conn {
 /// Why an exchange failed.
 pub enum ExchangeError {
     /// Not a byte of the request reached the connection: it can be sent on another one.
-    NotSent(io::Error, Box<Request<ProxyBody>>),
+    NotSent(io::Error, Box<Request<SendBody>>),
     Failed(io::Error),
 }
 
@@ -114,7 +113,7 @@ pub enum ExchangeError {
 /// come back beside the response, for a resend (they were only read).
 pub async fn exchange(
     mut conn: H1Conn,
-    req: Request<ProxyBody>,
+    req: Request<SendBody>,
     pool: &Arc<PoolInner>,
 ) -> Result<(Response<ResponseBody>, HeaderMap), ExchangeError> {
     let (parts, body) = req.into_parts();
@@ -122,10 +121,9 @@ pub async fn exchange(
     let chunked = known_length.is_none();
     let head = encode_request_head(&parts.method, &parts.uri, &parts.headers, known_length);
     // A body already in memory goes out with the head, in one write (one TLS record).
-    let (data, body_done) = match &body {
-        ProxyBody::Empty => (Bytes::new(), true),
-        ProxyBody::Full(bytes) => (bytes.clone().unwrap_or_default(), true),
-        _ => (Bytes::new(), false),
+    let (data, body_done) = match body.whole() {
+        Some(bytes) => (bytes, true),
+        None => (Bytes::new(), false),
     };
     let mut upload = Upload {
         head: Bytes::from(head),
@@ -239,7 +237,7 @@ struct Upload {
     data: Bytes,
     /// Not yet written after the frame (a chunk's CRLF).
     suffix: &'static [u8],
-    body: ProxyBody,
+    body: SendBody,
     chunked: bool,
     /// The body arrives from the client while the request is sent (it was not in memory).
     streamed: bool,

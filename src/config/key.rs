@@ -1,0 +1,166 @@
+//! `[key]`: where the key comes from (env, file, Vault/OpenBao, AWS Secrets Manager) and how
+//! often it is re-read. The config names the source; the key itself is never in it.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::duration_str;
+
+/// The environment variable the key is read from with `source = "env"` (and with no config).
+pub const DEFAULT_KEY_ENV: &str = "SMALLEST_API_KEY";
+
+/// Key re-fetch period for sources that rotate (file, vault, aws).
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// How long the last good key keeps serving while its source fails.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyConfig {
+    pub source: KeySourceKind,
+    /// `source = "env"`: the variable holding the key.
+    pub env: String,
+    /// `source = "file"`: the file holding the key (trailing newline trimmed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub refresh_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub max_stale: Duration,
+    /// `source = "vault"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultConfig>,
+    /// `source = "aws"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsConfig>,
+}
+
+/// Default KV mount, path and field for `[key.vault]`.
+pub const DEFAULT_VAULT_MOUNT: &str = "secret";
+pub const DEFAULT_VAULT_FIELD: &str = "api_key";
+/// Where Kubernetes mounts the pod's service-account token (for `method = "kubernetes"`).
+pub const DEFAULT_KUBERNETES_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// HashiCorp Vault or OpenBao KV secret holding the key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example:8200`; defaults to `VAULT_ADDR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default = "default_vault_mount")]
+    pub mount: String,
+    pub path: String,
+    #[serde(default = "default_vault_field")]
+    pub field: String,
+    #[serde(default = "default_kv_version")]
+    pub kv_version: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth: VaultAuthConfig,
+}
+
+fn default_vault_mount() -> String {
+    DEFAULT_VAULT_MOUNT.into()
+}
+fn default_vault_field() -> String {
+    DEFAULT_VAULT_FIELD.into()
+}
+fn default_kv_version() -> u8 {
+    2
+}
+
+/// How the proxy logs in to Vault. Credentials are read from files at each login (never kept
+/// in the config), because Vault Agent sinks, secret IDs and service-account tokens rotate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultAuthConfig {
+    pub method: VaultAuthMethod,
+    /// `token`: file holding the token (a Vault Agent sink works); default: `VAULT_TOKEN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// `approle`: the role ID, inline (it is not a secret) or from a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_id_file: Option<PathBuf>,
+    /// `approle`: file holding the secret ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_id_file: Option<PathBuf>,
+    /// `jwt` / `kubernetes`: the Vault role to log in as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `jwt` / `kubernetes`: file holding the JWT (kubernetes default: the service-account token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_file: Option<PathBuf>,
+    /// Auth mount path; defaults to the method's name (`approle`, `jwt`, `kubernetes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultAuthMethod {
+    #[default]
+    Token,
+    Approle,
+    Jwt,
+    Kubernetes,
+}
+
+impl VaultAuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaultAuthMethod::Token => "token",
+            VaultAuthMethod::Approle => "approle",
+            VaultAuthMethod::Jwt => "jwt",
+            VaultAuthMethod::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// AWS Secrets Manager secret holding the key, read with the standard AWS credential chain.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub secret_id: String,
+    /// Defaults to the chain's region (`AWS_REGION`, profile, IMDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// When the SecretString is JSON: the field holding the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_stage: Option<String>,
+    /// A different endpoint (a VPC endpoint, or a local test server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for KeyConfig {
+    fn default() -> Self {
+        KeyConfig {
+            source: KeySourceKind::Env,
+            env: DEFAULT_KEY_ENV.into(),
+            file: None,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            max_stale: DEFAULT_MAX_STALE,
+            vault: None,
+            aws: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySourceKind {
+    #[default]
+    Env,
+    File,
+    Vault,
+    Aws,
+}

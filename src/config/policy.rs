@@ -1,0 +1,120 @@
+//! `[policy]`: which methods and paths may be forwarded, and the rule grammar.
+
+use http::Method;
+use serde::{Deserialize, Serialize};
+
+/// `[policy]`: which methods and paths may be forwarded at all (DESIGN.md: "path outside
+/// allow-list → 403"). Rules are `"METHOD /path"` or `"/path"` (any method); in paths `*`
+/// matches within one segment and `**` across segments. The matcher is `proxy::policy`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `"none"` (default: forward every path) or `"smallest"` (only the Smallest API surface:
+    /// speech, transcription, voices, voice-clone creation, LLM chat).
+    pub preset: PolicyPreset,
+    /// Rules allowed on top of the preset. With `preset = "none"`, a non-empty list makes it
+    /// an allow-list.
+    pub allow: Vec<String>,
+    /// Rules refused whatever else says; checked first.
+    pub deny: Vec<String>,
+    /// `preset = "smallest"`: also allow deleting cloned voices.
+    pub allow_voice_clone_delete: bool,
+    /// `preset = "smallest"`: also allow creating, changing and deleting pronunciation
+    /// dictionaries.
+    pub allow_pronunciation_edits: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyPreset {
+    #[default]
+    None,
+    Smallest,
+}
+
+/// One parsed `"METHOD /path"` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `None` = any method.
+    pub method: Option<Method>,
+    /// Lower-cased path pattern.
+    pub path: String,
+}
+
+impl Rule {
+    /// Parse a rule; the error is a sentence for the config error.
+    pub fn parse(text: &str) -> Result<Rule, String> {
+        let mut words = text.split_whitespace();
+        let (method, path) = match (words.next(), words.next(), words.next()) {
+            (Some(path), None, None) => (None, path),
+            (Some(method), Some(path), None) => (Some(method), path),
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a rule like \"POST /waves/v1/*/get_speech\" or \"/waves/v1/**\""
+                ))
+            }
+        };
+        if !path.starts_with('/') {
+            return Err(format!("{text:?}: the path must start with /"));
+        }
+        if path.contains('?') {
+            return Err(format!(
+                "{text:?}: rules match paths; the query is ignored, leave it out"
+            ));
+        }
+        let method = match method {
+            None | Some("*") => None,
+            Some(m) => Some(
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| format!("{text:?}: {m:?} is not an HTTP method"))?,
+            ),
+        };
+        Ok(Rule {
+            method,
+            path: path.to_ascii_lowercase(),
+        })
+    }
+
+    /// Whether a request's method and path fall under this rule.
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        let method_ok = match &self.method {
+            None => true,
+            Some(m) => m == method || (m == Method::GET && method == Method::HEAD),
+        };
+        method_ok && glob(self.path.as_bytes(), path.as_bytes())
+    }
+}
+
+/// `*` within a segment, `**` across segments, a trailing `/**` matching nothing too.
+fn glob(pattern: &[u8], path: &[u8]) -> bool {
+    match pattern {
+        [] => path.is_empty(),
+        [b'/', b'*', b'*'] if path.is_empty() => true,
+        [b'*', b'*', rest @ ..] => (0..=path.len()).any(|i| glob(rest, &path[i..])),
+        [b'*', rest @ ..] => {
+            let segment_end = path.iter().position(|&b| b == b'/').unwrap_or(path.len());
+            (0..=segment_end).any(|i| glob(rest, &path[i..]))
+        }
+        [p, rest @ ..] => path.first().is_some_and(|c| c.eq_ignore_ascii_case(p)) && glob(rest, &path[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_within_and_across_segments() {
+        assert!(glob(b"/a/*/c", b"/a/b/c"));
+        assert!(glob(b"/a/*/c", b"/a//c"));
+        assert!(!glob(b"/a/*/c", b"/a/b/x/c"));
+        assert!(glob(b"/a/**/c", b"/a/b/x/c"));
+        assert!(glob(b"/a/**", b"/a"));
+        assert!(glob(b"/a/**", b"/a/"));
+        assert!(glob(b"/a/**", b"/a/b/c"));
+        assert!(!glob(b"/a/**", b"/ab"));
+        assert!(glob(b"/a/b*", b"/a/bcd"));
+        assert!(!glob(b"/a/b", b"/a/b/"));
+        assert!(glob(b"/waves/v1", b"/WAVES/V1"));
+    }
+}

@@ -1,0 +1,81 @@
+//! `[upstream]` and `[auth]`: where requests go, the timeouts on the way, and the word before
+//! the key in `Authorization`.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::duration_str;
+
+/// The Smallest AI API.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.smallest.ai";
+
+/// TCP connect to the upstream; past it the request gets 504.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// From sending the request to the upstream's response head; past it 504. Bodies (SSE) are not
+/// bounded by this: a stream may run as long as it keeps moving.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle pooled upstream connections are closed after this.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// An upstream response body (SSE, streamed audio) or WebSocket tunnel with no bytes moving for
+/// this long is cut. Streams have no total deadline; a live TTS session or an LLM stream can be
+/// silent for seconds between utterances, so this is generous, but a dead upstream connection
+/// must not hold a concurrency slot forever.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub url: String,
+    /// An extra trust root (PEM) beside the public web roots, for a self-hosted server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub response_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub pool_idle_timeout: Duration,
+    /// A streamed response body or WebSocket tunnel idle this long is cut (no total deadline).
+    #[serde(with = "duration_str")]
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM_URL.into(),
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub scheme: AuthScheme,
+}
+
+/// The word before the key in `Authorization`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// api.smallest.ai
+    #[default]
+    Bearer,
+    /// A self-hosted Smallest server.
+    Token,
+}
+
+impl AuthScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthScheme::Bearer => "Bearer",
+            AuthScheme::Token => "Token",
+        }
+    }
+}
