@@ -183,6 +183,17 @@ async fn a_same_uid_process_cannot_read_the_proxys_environment_or_memory() {
             .spawn()
             .unwrap(),
     );
+    // Probed only once setpriv has exec'd `sleep`: before that, /proc shows the forked test
+    // process's own environment, without the marker.
+    let comm = format!("/proc/{}/comm", sleeper.0.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control process never became sleep"
+        );
+        std::thread::yield_now();
+    }
     let (environ, mem, ptrace) = probe(sleeper.0.id());
     assert!(environ.status.success(), "control environ: {}", text(&environ));
     assert!(String::from_utf8_lossy(&environ.stdout).contains("PROXY_TEST_ENV_MARKER=visible"));
