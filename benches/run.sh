@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark (issue 7, README "Benchmark"): smallest-proxy against nginx doing the same job,
+# The benchmark (README "Benchmark"): smallest-proxy against nginx doing the same job,
 # in the same run, alternating A/B pairs. One command:
 #
 #   benches/run.sh [--quick] [--write-results] [--pairs N]

@@ -21,6 +21,9 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyError {
     /// The request is malformed for a proxy (absolute-form URI naming another host, ...).
     BadRequest(String),
+    /// A request body framed in a way the proxy cannot forward faithfully; answered 400 and
+    /// the connection closed (its body is not read).
+    UnsupportedFraming(String),
     /// `CONNECT` and friends: this is not a forward proxy.
     MethodNotAllowed(String),
     /// The `Host` header names something other than this loopback proxy (DNS rebinding).
@@ -55,7 +58,7 @@ impl ProxyError {
     /// Status and stable machine-readable code: the table DESIGN.md refers to.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+            ProxyError::BadRequest(_) | ProxyError::UnsupportedFraming(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             ProxyError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ProxyError::ForbiddenHost(_) => (StatusCode::MISDIRECTED_REQUEST, "FORBIDDEN_HOST"),
             ProxyError::ForbiddenOrigin(_) => (StatusCode::FORBIDDEN, "FORBIDDEN_ORIGIN"),
@@ -76,6 +79,7 @@ impl ProxyError {
     fn message(&self) -> String {
         match self {
             ProxyError::BadRequest(m)
+            | ProxyError::UnsupportedFraming(m)
             | ProxyError::MethodNotAllowed(m)
             | ProxyError::ForbiddenHost(m)
             | ProxyError::ForbiddenOrigin(m)
@@ -109,8 +113,8 @@ impl ProxyError {
         body
     }
 
-    /// The whole response. `Connection: close` is added for framing errors by the caller, and
-    /// here for 413: the body was not read, so the connection cannot carry another request.
+    /// The whole response. `Connection: close` is added for 413 and framing refusals: the body
+    /// was not read, so the connection cannot carry another request.
     pub fn into_response<B: From<Bytes>>(self, request_id: &str) -> Response<B> {
         let (status, _) = self.status_and_code();
         let body = self.to_json(request_id).to_string();
@@ -124,7 +128,7 @@ impl ProxyError {
         if let ProxyError::RateLimited { retry_after, .. } = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
         }
-        if let ProxyError::PayloadTooLarge(_) = &self {
+        if let ProxyError::PayloadTooLarge(_) | ProxyError::UnsupportedFraming(_) = &self {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -1,4 +1,4 @@
-//! Issue 6, part 1: caller control (Unix peer uid, local token), the path policy, request size
+//! Caller control (Unix peer uid, local token), the path policy, request size
 //! limits with JSON answers, client idle and upstream stream idle timeouts, and the Unix socket
 //! created safely. Raw sockets wherever the client's exact bytes matter.
 

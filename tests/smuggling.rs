@@ -1,13 +1,18 @@
-//! Request smuggling, from raw sockets: every ambiguous framing (the PortSwigger smuggler and
-//! HTTP Garden shapes) is answered 400 and the connection closed, and the upstream never sees a
-//! second request hidden in the same bytes.
+//! Request smuggling, from raw sockets: for every ambiguous framing (the PortSwigger smuggler
+//! and HTTP Garden shapes) the upstream never sees a second request hidden in the same bytes.
 //!
-//! Two kinds of 400: framing hyper would resolve silently (CL+TE, duplicate Content-Length,
-//! `chunked, chunked`) is refused by the proxy with its JSON error (`src/proxy/framing.rs`);
-//! heads hyper's parser refuses itself (obs-fold, space before the colon, NUL/CR in a value, a
-//! Transfer-Encoding not ending in chunked, differing Content-Lengths) get hyper's bare 400 and
-//! never reach the proxy's code. Bare LF line endings are accepted and normalised: the upstream
-//! only ever sees the request hyper re-serialises, so there is no second parser to disagree.
+//! The upstream only ever receives requests the proxy framed anew, so no parser behind it can
+//! disagree with the one in front. What is left is what reaches the proxy's own code:
+//! - framing hyper resolves by the RFC: `Content-Length` with `Transfer-Encoding` is read as
+//!   chunked and the connection closed after the answer (RFC 9112 §6.1), so bytes past the
+//!   chunked body are never read as a request; equal duplicate `Content-Length`s are one
+//!   length (RFC 9110 §8.6);
+//! - a coding before `chunked` (`gzip, chunked`, `chunked` twice, two headers), which the
+//!   proxy could not forward faithfully, gets its JSON 400 with `Connection: close`
+//!   (`src/server/framing.rs`), on any request of a connection;
+//! - heads hyper's parser refuses (obs-fold, space before the colon, NUL/CR in a value, a
+//!   Transfer-Encoding not ending in chunked, differing Content-Lengths) get hyper's bare 400
+//!   and never reach the proxy's code. Bare LF line endings are accepted and normalised.
 
 mod support;
 
@@ -74,24 +79,9 @@ async fn upstream_paths_after(proxy: &TestProxy, upstream: &TestUpstream) -> Vec
 /// The smuggled request every payload hides after the first message.
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
-/// Payloads the proxy itself refuses with its JSON 400.
+/// Payloads the proxy itself refuses with its JSON 400: codings it cannot forward faithfully.
 fn refused_by_proxy() -> Vec<(&'static str, String)> {
     vec![
-        (
-            "CL.TE",
-            format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
-        ),
-        (
-            "TE.CL",
-            format!(
-                "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n",
-                SMUGGLED.len()
-            ),
-        ),
-        (
-            "duplicate Content-Length, same value",
-            format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello{SMUGGLED}"),
-        ),
         (
             "Transfer-Encoding: chunked, chunked",
             format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
@@ -105,8 +95,33 @@ fn refused_by_proxy() -> Vec<(&'static str, String)> {
             format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
         ),
         (
+            "Transfer-Encoding: identity, chunked with a Content-Length",
+            format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+        ),
+    ]
+}
+
+/// Content-Length with Transfer-Encoding: read as chunked, forwarded once with the chunked
+/// body, and the connection closed after the answer. (name, payload, the body the upstream gets)
+fn chunked_wins_then_close() -> Vec<(&'static str, String, String)> {
+    vec![
+        (
+            "CL.TE",
+            format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+            String::new(),
+        ),
+        (
+            "TE.CL",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n{SMUGGLED}",
+                SMUGGLED.len()
+            ),
+            SMUGGLED.to_string(),
+        ),
+        (
             "CL.TE with a padded chunked value",
             format!("POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\nTransfer-Encoding: \t chunked \r\n\r\n0\r\n\r\n{SMUGGLED}"),
+            String::new(),
         ),
     ]
 }
@@ -178,7 +193,7 @@ fn refused_by_hyper() -> Vec<(&'static str, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_framing_hyper_accepts_is_refused_with_json_400_and_closed() {
+async fn codings_before_chunked_are_refused_with_json_400_and_closed() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
     for (name, payload) in refused_by_proxy() {
@@ -199,6 +214,102 @@ async fn conflicting_framing_hyper_accepts_is_refused_with_json_400_and_closed()
     // Nothing but the marker ever reached the upstream: not /a, not /smuggled.
     let paths = upstream_paths_after(&proxy, &upstream).await;
     assert_eq!(paths, vec!["/marker"], "the upstream saw requests it should not have");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_chunked_is_read_as_chunked_and_the_connection_closed() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    for (name, payload, body) in chunked_wins_then_close() {
+        let before = upstream.records().len();
+        let answer = exchange(proxy.addr, payload.as_bytes()).await;
+        assert_eq!(answer.status(), 200, "{name}: {}", answer.text);
+        assert!(answer.closed, "{name}: the connection stayed open");
+        assert_eq!(answer.responses(), 1, "{name}: more than one response: {}", answer.text);
+        upstream.state.wait_arrivals(before + 1).await;
+        let records = upstream.records();
+        let record = &records[before];
+        assert_eq!(record.uri.path(), "/a", "{name}");
+        assert_eq!(record.body, body.as_bytes(), "{name}: the upstream got another body");
+        // Framed anew: one length or our own chunked coding, never both.
+        let framings = ["content-length", "transfer-encoding"]
+            .iter()
+            .filter(|h| record.headers.contains_key(**h))
+            .count();
+        assert!(framings <= 1, "{name}: {:?}", record.headers);
+    }
+    let paths = upstream_paths_after(&proxy, &upstream).await;
+    assert_eq!(
+        paths,
+        vec!["/a", "/a", "/a", "/marker"],
+        "the upstream saw requests it should not have"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_duplicate_content_lengths_are_one_length() {
+    // No parser can read `5` and `5` two ways: the body is five bytes, and what follows is the
+    // client's own next request on its own connection.
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    let payload = "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello\
+GET /next HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.addr, payload.as_bytes()).await;
+    assert_eq!(answer.responses(), 2, "{}", answer.text);
+    assert_eq!(answer.text.matches("HTTP/1.1 200").count(), 2, "{}", answer.text);
+    upstream.state.wait_arrivals(2).await;
+    let records = upstream.records();
+    assert_eq!(records[0].uri.path(), "/a");
+    assert_eq!(records[0].body, "hello");
+    assert_eq!(records[0].headers.get_all("content-length").iter().count(), 1);
+    assert_eq!(records[1].uri.path(), "/next");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_head_of_a_connection_is_checked_after_an_upgrade_a_connect_or_many_headers() {
+    // The framing rule holds for every request hyper reads on a connection, whatever came
+    // before it: a refused upgrade, a refused CONNECT, a head with more headers than allowed.
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    let many: String = (0..129).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let openers = [
+        (
+            "h2c upgrade",
+            "GET /up HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".to_string(),
+        ),
+        (
+            "CONNECT",
+            "CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_string(),
+        ),
+        (
+            "129 headers",
+            format!("GET /many HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n"),
+        ),
+    ];
+    for (name, opener) in openers {
+        for (what, refused) in [
+            ("identity, chunked", "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n"),
+            ("gzip, chunked with a length", "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        ] {
+            let payload = format!("{opener}{refused}{SMUGGLED}");
+            let answer = exchange(proxy.addr, payload.as_bytes()).await;
+            let last = answer.text.rfind("HTTP/1.1 ").map_or("", |i| &answer.text[i..]);
+            assert!(answer.closed, "{name} then {what}: the connection stayed open: {}", answer.text);
+            // The opener is answered (served without the upgrade, 405, 431) and the connection
+            // stays open; the request after it is refused and nothing follows it.
+            assert_eq!(answer.responses(), 2, "{name} then {what}: {}", answer.text);
+            assert!(last.starts_with("HTTP/1.1 400"), "{name} then {what}: {}", answer.text);
+            assert!(last.contains("BAD_REQUEST"), "{name} then {what}: {}", answer.text);
+        }
+    }
+    let paths = upstream_paths_after(&proxy, &upstream).await;
+    assert!(
+        !paths.iter().any(|p| p == "/a" || p == "/smuggled"),
+        "the upstream saw requests it should not have: {paths:?}"
+    );
     proxy.stop().await;
 }
 
@@ -274,8 +385,8 @@ async fn a_get_body_holding_a_request_stays_a_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_keep_alive_requests_with_every_framing_are_all_served() {
-    // The framing tap must follow bodies exactly, or a later request would be judged by bytes
-    // that are not its head: a chunked body that looks like a refused head must not matter.
+    // Bodies are followed exactly, so a later request is never judged by bytes that are not
+    // its head: a chunked body that looks like a refused head must not matter.
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&upstream, "").await;
     let fake_head = "POST /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -303,7 +414,7 @@ async fn a_refused_request_after_good_ones_on_the_same_connection() {
     let proxy = TestProxy::start(&upstream, "").await;
     let payload = format!(
         "GET /good HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
-POST /bad HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+POST /bad HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
     );
     let answer = exchange(proxy.addr, payload.as_bytes()).await;
     assert_eq!(answer.responses(), 2, "{}", answer.text);
@@ -314,6 +425,23 @@ POST /bad HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nTransfer-Encoding:
     assert!(answer.closed);
     let paths = upstream_paths_after(&proxy, &upstream).await;
     assert_eq!(paths, vec!["/good", "/marker"]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_chunked_after_good_requests_ends_the_connection() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    let payload = format!(
+        "GET /good HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+POST /both HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    let answer = exchange(proxy.addr, payload.as_bytes()).await;
+    assert_eq!(answer.responses(), 2, "{}", answer.text);
+    assert_eq!(answer.text.matches("HTTP/1.1 200").count(), 2, "{}", answer.text);
+    assert!(answer.closed, "{}", answer.text);
+    let paths = upstream_paths_after(&proxy, &upstream).await;
+    assert_eq!(paths, vec!["/good", "/both", "/marker"]);
     proxy.stop().await;
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::admin;
 use super::caller::{CallerControl, ConnInfo};
+use super::framing;
 use super::guard::{Guard, Transport};
 use super::policy::PathPolicy;
 use super::request_limits::RequestLimits;
@@ -58,10 +59,11 @@ impl Checks {
         })
     }
 
-    /// In order: what is refused outright (guard), sizes, the local token (removed from the
-    /// request once it matched), then the method and path.
+    /// In order: what is refused outright (guard, body framing), sizes, the local token
+    /// (removed from the request once it matched), then the method and path.
     fn check<B>(&self, req: &mut Request<B>, transport: Transport) -> Result<(), ProxyError> {
         self.guard.check(req, transport)?;
+        framing::check(req.headers())?;
         self.limits.check(req)?;
         self.callers.take_token(req.headers_mut())?;
         self.paths.check(req.method(), req.uri().path())

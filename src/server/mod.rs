@@ -43,11 +43,9 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::ListenConfig;
 use crate::proxy::body::ClientBody;
-use crate::proxy::exchange::ObservedBody;
 use crate::timeouts::{watch_connection, Activity, ActivityIo, ConnDeadline, Tracked};
 use app::App;
 use caller::ConnInfo;
-use framing::FramingTap;
 use request_limits::RequestLimits;
 
 /// Bound sockets, ready to serve. Binding is separate from serving so tests (and socket
@@ -305,27 +303,18 @@ async fn serve_with_hyper<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Framing hyper would resolve silently (CL+TE, duplicate CL) is refused before anything else.
-    let (stream, verdicts) = FramingTap::new(stream);
     let activity = Activity::for_connection();
     let service_activity = activity.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         // Held from here until hyper has written (or dropped) the response body.
         let in_flight = service_activity.request_started();
-        let refusal = verdicts.take().map(|reason| framing::refuse(reason, &req));
         async move {
-            let response = match refusal {
-                Some(refusal) => {
-                    let status = refusal.status();
-                    refusal.map(|body| ObservedBody::new(body, status, None))
-                }
-                // Boxed: hyper keeps a slot for this future in every connection for its whole
-                // life, sized by the future (~1.1 KiB, the parts past that are boxed inside
-                // Proxy::handle), and moves it there per request. Boxed, an idle keep-alive
-                // connection holds a pointer and the request's state exists only while it runs.
-                None => Box::pin(app.handle(req.map(ClientBody::Streaming), conn)).await,
-            };
+            // Boxed: hyper keeps a slot for this future in every connection for its whole
+            // life, sized by the future (~1.1 KiB, the parts past that are boxed inside
+            // Proxy::handle), and moves it there per request. Boxed, an idle keep-alive
+            // connection holds a pointer and the request's state exists only while it runs.
+            let response = Box::pin(app.handle(req.map(ClientBody::Streaming), conn)).await;
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });
