@@ -2,6 +2,12 @@
 //! upstream, not an open proxy, and a browser page must not be able to spend the key.
 //!
 //! - `CONNECT` → 405: no tunnels to arbitrary hosts.
+//! - `TRACE` (and IIS's `TRACK`) → 405: a server or intermediary that implements it echoes the
+//!   request it received, and the request it receives carries the injected key (RFC 9110
+//!   §9.3.8: a TRACE must not carry sensitive fields; this proxy would add one).
+//!
+//!   Methods are case-sensitive (RFC 9110 §9.1), but servers and frameworks that upper-case them
+//!   exist, so these three are refused in any letter case.
 //! - absolute-form request targets (`GET http://evil/ HTTP/1.1`) naming anything but this
 //!   loopback proxy → 400.
 //! - a `Host` that is not loopback on a loopback TCP listener → 421 (DNS rebinding: a page on
@@ -31,10 +37,19 @@ pub enum Transport {
 
 impl Guard {
     pub fn check<B>(&self, req: &Request<B>, transport: Transport) -> Result<(), ProxyError> {
-        if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed(
-                "CONNECT is not supported: this is not a forward proxy".into(),
-            ));
+        match refused_method(req.method()) {
+            Some(Refused::Connect) => {
+                return Err(ProxyError::MethodNotAllowed(
+                    "CONNECT is not supported: this is not a forward proxy".into(),
+                ))
+            }
+            Some(Refused::Trace) => {
+                return Err(ProxyError::MethodNotAllowed(format!(
+                    "{} is not supported: the request would be echoed back with the proxy's key in it",
+                    req.method()
+                )))
+            }
+            None => {}
         }
         if let Some(authority) = req.uri().authority() {
             if !host_is_loopback(authority.host()) {
@@ -63,6 +78,22 @@ impl Guard {
             }
         }
         Ok(())
+    }
+}
+
+enum Refused {
+    Connect,
+    Trace,
+}
+
+/// `CONNECT`, `TRACE` or `TRACK` in any letter case: a length test, then at most two byte
+/// comparisons (no allocation; this runs for every request).
+fn refused_method(method: &Method) -> Option<Refused> {
+    let name = method.as_str().as_bytes();
+    match name.len() {
+        5 if name.eq_ignore_ascii_case(b"TRACE") || name.eq_ignore_ascii_case(b"TRACK") => Some(Refused::Trace),
+        7 if name.eq_ignore_ascii_case(b"CONNECT") => Some(Refused::Connect),
+        _ => None,
     }
 }
 
@@ -107,6 +138,27 @@ mod tests {
             .check(&req("CONNECT", "evil.example:443", None, None), Transport::Tcp)
             .unwrap_err();
         assert_eq!(e.status_and_code().0, 405);
+    }
+
+    #[test]
+    fn trace_track_and_connect_are_405_in_any_case() {
+        for method in [
+            "CONNECT", "connect", "Connect", "TRACE", "trace", "Trace", "tRACE", "TRACK", "track", "Track",
+        ] {
+            let e = guard()
+                .check(&req(method, "/anything", Some("localhost"), None), Transport::Tcp)
+                .unwrap_err();
+            assert_eq!(
+                e.status_and_code(),
+                (http::StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+                "{method}"
+            );
+        }
+        for method in ["GET", "get", "TRACES", "TRAC", "CONNECTS", "PATCH", "DELETE", "OPTIONS"] {
+            guard()
+                .check(&req(method, "/anything", Some("localhost"), None), Transport::Tcp)
+                .unwrap_or_else(|e| panic!("{method}: {e:?}"));
+        }
     }
 
     #[test]

@@ -1,0 +1,416 @@
+//! The client side on the wire, from raw sockets, against an upstream that answers byte for
+//! byte and records the heads it was sent: methods refused in any letter case (TRACE, TRACK,
+//! CONNECT) and policy rules matched in any case, response framing normalised before it reaches
+//! the client (one `Content-Length`, none on 204), request heads that end in a bare LF line, and
+//! absolute-form targets forwarded in origin form. Each shape is sent twice: on a fresh
+//! connection (the proxy's own plain-request loop) and on a connection hyper already serves.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::upstream::TestPki;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound on anything the proxy must do by itself.
+const BOUND: Duration = Duration::from_secs(5);
+
+/// A request that moves a fresh connection to hyper (a chunked upload), answered 200: send it
+/// first and the requests after it are served by hyper.
+const TO_HYPER: &str = "POST /to-hyper HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+// ---------------------------------------------------------------------------------------------
+// A scripted upstream: TLS, HTTP/1.1 only, answers each head with the bytes its script gives.
+
+/// What the upstream does with a request head: the bytes to answer with.
+type Script = Arc<dyn Fn(&str) -> Vec<u8> + Send + Sync>;
+
+struct RawUpstream {
+    pki: TestPki,
+    port: u16,
+    /// Every request head, as it arrived.
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl RawUpstream {
+    async fn start(script: Script) -> RawUpstream {
+        let pki = TestPki::new();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(&[b"http/1.1"])));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let heads2 = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, script, heads) = (acceptor.clone(), script.clone(), heads2.clone());
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        serve_upstream(&mut tls, &script, &heads).await;
+                    }
+                });
+            }
+        });
+        RawUpstream { pki, port, heads }
+    }
+
+    /// Answers with `answer(request_line)`; TRACE (any case) echoes the whole head back as a
+    /// `message/http` body, as a server implementing it does.
+    async fn echoing_trace(answer: fn(&str) -> Vec<u8>) -> RawUpstream {
+        RawUpstream::start(Arc::new(move |head: &str| {
+            let line = head.lines().next().unwrap_or("");
+            if line.to_ascii_uppercase().starts_with("TRACE ") {
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: message/http\r\ncontent-length: {}\r\n\r\n",
+                    head.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(head.as_bytes());
+                out
+            } else {
+                answer(line)
+            }
+        }))
+        .await
+    }
+
+    fn request_lines(&self) -> Vec<String> {
+        let heads = self.heads.lock().expect("heads");
+        heads
+            .iter()
+            .map(|h| h.lines().next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    async fn proxy(&self, extra: &str) -> TestProxy {
+        TestProxy::start_for(&format!("https://localhost:{}", self.port), &self.pki.ca_file, extra).await
+    }
+}
+
+/// Serve requests on one upstream connection, in order, keeping it open.
+async fn serve_upstream<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    script: &Script,
+    heads: &Mutex<Vec<String>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if !read_more(io, &mut buf).await {
+                return;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let lower = head.to_ascii_lowercase();
+        if lower.contains("transfer-encoding: chunked") {
+            // Skip the chunked body (the proxy writes it in canonical form).
+            loop {
+                let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    if !read_more(io, &mut buf).await {
+                        return;
+                    }
+                    continue;
+                };
+                let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+                let Ok(size) = usize::from_str_radix(size_text.trim(), 16) else {
+                    return;
+                };
+                while buf.len() < line_end + 2 + size + 2 {
+                    if !read_more(io, &mut buf).await {
+                        return;
+                    }
+                }
+                buf.drain(..line_end + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < length {
+                if !read_more(io, &mut buf).await {
+                    return;
+                }
+            }
+            buf.drain(..length);
+        }
+        let reply = script(&head);
+        // Recorded before the answer is written, so a client holding the answer can look.
+        heads.lock().expect("heads").push(head);
+        if io.write_all(&reply).await.is_err() || io.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16384];
+    match io.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// `200 OK` with `body`.
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Every request answered `200 ok`.
+fn always_ok(_: &str) -> Vec<u8> {
+    ok("ok")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client side: raw responses read one at a time.
+
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    /// The head as sent, for counting repeated headers.
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Every value of header `name`, in order.
+    fn values(&self, name: &str) -> Vec<String> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json(&self.body)
+    }
+}
+
+/// A raw client connection; `next` reads one response, keeping what follows it.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// The next response (`head_only` for the answer to a HEAD request), within [`BOUND`].
+    async fn next(&mut self, head_only: bool) -> RawResponse {
+        let read = async {
+            loop {
+                if let Some((response, used)) = parse_response(&self.buf, head_only) {
+                    self.buf.drain(..used);
+                    return Ok(response);
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return Err(String::from_utf8_lossy(&self.buf).into_owned()),
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        match tokio::time::timeout(BOUND, read).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(partial)) => panic!("the proxy closed the connection inside or before a response: {partial:?}"),
+            Err(_) => panic!(
+                "no response within {BOUND:?}; got so far: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+}
+
+/// A whole response at the start of `data` and its length; `None` until all of it is there.
+/// Content-Length with several values takes the first; no body for 1xx, 204, 304 and HEAD.
+fn parse_response(data: &[u8], head_only: bool) -> Option<(RawResponse, usize)> {
+    let head_len = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&data[..head_len]).into_owned();
+    let status: u16 = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {head:?}"));
+    let mut response = RawResponse {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    let rest = &data[head_len..];
+    if head_only || status < 200 || status == 204 || status == 304 {
+        return Some((response, head_len));
+    }
+    if let Some(length) = response.values("content-length").first() {
+        let length: usize = length.parse().expect("content-length");
+        if rest.len() < length {
+            return None;
+        }
+        response.body = rest[..length].to_vec();
+        return Some((response, head_len + length));
+    }
+    assert!(
+        response
+            .values("transfer-encoding")
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case("chunked")),
+        "a response without framing: {:?}",
+        response.head
+    );
+    let mut at = 0;
+    loop {
+        let line_end = at + rest[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16).expect("chunk size");
+        at = line_end + 2;
+        if rest.len() < at + size + 2 {
+            return None;
+        }
+        if size == 0 {
+            return Some((response, head_len + at + 2));
+        }
+        response.body.extend_from_slice(&rest[at..at + size]);
+        at += size + 2;
+    }
+}
+
+/// Send `request` on a fresh connection and read one response: the proxy's own loop serves it
+/// when it is plain.
+async fn on_plain_path(proxy: &TestProxy, request: &str, head_only: bool) -> RawResponse {
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(request.as_bytes()).await;
+    conn.next(head_only).await
+}
+
+/// Send `request` on a connection hyper already serves (after [`TO_HYPER`]) and read its
+/// response.
+async fn on_hyper_path(proxy: &TestProxy, request: &str, head_only: bool) -> RawResponse {
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(TO_HYPER.as_bytes()).await;
+    // Answered by hyper, whatever the answer (a policy may refuse it).
+    conn.next(false).await;
+    conn.send(request.as_bytes()).await;
+    conn.next(head_only).await
+}
+
+/// The request lines the upstream saw, without the hand-off requests.
+fn forwarded(upstream: &RawUpstream) -> Vec<String> {
+    upstream
+        .request_lines()
+        .into_iter()
+        .filter(|l| !l.starts_with("POST /to-hyper "))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Methods the guard refuses.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_track_and_connect_are_405_in_any_case_and_the_key_is_never_echoed() {
+    let upstream = RawUpstream::echoing_trace(always_ok).await;
+    let proxy = upstream.proxy("").await;
+    for method in [
+        "TRACE", "trace", "Trace", "tRaCe", "TRACK", "track", "Track", "CONNECT", "connect", "Connect",
+    ] {
+        for target in ["/anything", "/waves/v1/lightning/get_speech?x=1"] {
+            let request = format!(
+                "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nMax-Forwards: 0\r\nContent-Length: 0\r\n\r\n"
+            );
+            for (path, response) in [
+                ("plain", on_plain_path(&proxy, &request, false).await),
+                ("hyper", on_hyper_path(&proxy, &request, false).await),
+            ] {
+                let body = String::from_utf8_lossy(&response.body);
+                assert!(!body.contains(TEST_KEY), "{path}: {method} echoed the key: {body}");
+                assert_eq!(response.status, 405, "{path}: {method} {target}: {body}");
+                assert_eq!(response.json()["code"], "METHOD_NOT_ALLOWED", "{path}: {method}");
+            }
+        }
+        // An authority-form target naming this loopback proxy: refused for the method too.
+        let request = format!("{method} 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n");
+        for (path, response) in [
+            ("plain", on_plain_path(&proxy, &request, false).await),
+            ("hyper", on_hyper_path(&proxy, &request, false).await),
+        ] {
+            assert_eq!(
+                response.status, 405,
+                "{path}: {method} authority-form: {:?}",
+                response.head
+            );
+        }
+    }
+    // A TRACE after plain requests on one keep-alive connection, and one pipelined behind them.
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /before HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\ntrace /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /after HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    assert_eq!(conn.next(false).await.status, 200);
+    assert_eq!(conn.next(false).await.status, 405);
+    assert_eq!(conn.next(false).await.status, 200);
+    assert_eq!(forwarded(&upstream), ["GET /before HTTP/1.1", "GET /after HTTP/1.1"]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_methods_in_any_case_are_forwarded_as_sent() {
+    let upstream = RawUpstream::echoing_trace(always_ok).await;
+    let proxy = upstream.proxy("").await;
+    let long = "X".repeat(2000);
+    for method in [
+        "get",
+        "Post",
+        "PROPFIND",
+        "M-SEARCH",
+        "TRACES",
+        "TRAC",
+        "CONNECTX",
+        "x!#$%&'*+-.^_`|~1",
+        &long,
+    ] {
+        let request = format!("{method} /m HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            on_plain_path(&proxy, &request, false).await.status,
+            200,
+            "plain {method}"
+        );
+        assert_eq!(
+            on_hyper_path(&proxy, &request, false).await.status,
+            200,
+            "hyper {method}"
+        );
+        let expected = format!("{method} /m HTTP/1.1");
+        let lines = forwarded(&upstream);
+        assert_eq!(lines.iter().filter(|l| **l == expected).count(), 2, "{lines:?}");
+    }
+    proxy.stop().await;
+}
