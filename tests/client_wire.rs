@@ -414,3 +414,67 @@ async fn other_methods_in_any_case_are_forwarded_as_sent() {
     }
     proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The path policy and method case.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_rule_refuses_its_method_in_any_case() {
+    let upstream = RawUpstream::echoing_trace(always_ok).await;
+    let proxy = upstream.proxy("[policy]\ndeny = [\"DELETE /**\"]\n").await;
+    for method in ["DELETE", "delete", "Delete", "dELETE"] {
+        let request = format!("{method} /waves/v1/lightning-large HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        for (path, response) in [
+            ("plain", on_plain_path(&proxy, &request, false).await),
+            ("hyper", on_hyper_path(&proxy, &request, false).await),
+        ] {
+            assert_eq!(response.status, 403, "{path}: {method}: {:?}", response.head);
+            assert_eq!(response.json()["code"], "FORBIDDEN_PATH");
+        }
+    }
+    let response = on_plain_path(&proxy, "post /waves/v1/tts HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", false).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(forwarded(&upstream), ["post /waves/v1/tts HTTP/1.1"]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smallest_preset_matches_methods_in_any_case() {
+    let upstream = RawUpstream::echoing_trace(always_ok).await;
+    let proxy = upstream
+        .proxy("[policy]\npreset = \"smallest\"\ndeny = [\"POST /waves/v1/*/add_voice\"]\n")
+        .await;
+    for refused in [
+        "delete /waves/v1/lightning-large",
+        "Delete /api/v1/lightning-large/voices/abc",
+        "put /waves/v1/pronunciation-dicts",
+        "post /waves/v1/lightning-large/add_voice",
+        "get /admin/keys",
+    ] {
+        let request = format!("{refused} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        for (path, response) in [
+            ("plain", on_plain_path(&proxy, &request, false).await),
+            ("hyper", on_hyper_path(&proxy, &request, false).await),
+        ] {
+            assert_eq!(response.status, 403, "{path}: {refused}: {:?}", response.head);
+            assert_eq!(response.json()["code"], "FORBIDDEN_PATH");
+        }
+    }
+    // What the preset allows passes in any case; GET rules cover HEAD in any case.
+    for (allowed, head_only) in [
+        ("post /waves/v1/lightning/get_speech", false),
+        ("get /waves/v1/lightning-v2/get_voices", false),
+        // Not HEAD to HTTP (methods are case-sensitive), so answered with a body.
+        ("head /api/v1/lightning-v2/get_voices", false),
+        ("Head /api/v1/lightning-v2/get_voices", false),
+    ] {
+        let request = format!("{allowed} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            on_plain_path(&proxy, &request, head_only).await.status,
+            200,
+            "{allowed}"
+        );
+    }
+    assert_eq!(forwarded(&upstream).len(), 4, "{:?}", forwarded(&upstream));
+    proxy.stop().await;
+}
