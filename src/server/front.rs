@@ -352,27 +352,31 @@ async fn write_response<S: Socket>(
     let mut body = pin!(body);
     let status = parts.status;
     let mut keep_alive = keep_alive && !asks_to_close(&parts.headers);
-    let framing = if head_only
-        || status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED
-    {
+    // Content-Length is this writer's to write, once, whatever the headers hold: never on a
+    // 1xx or 204 (RFC 9110 §8.6), and repeats of one value folded into one.
+    let no_content = status.is_informational() || status == http::StatusCode::NO_CONTENT;
+    let declared = if no_content {
+        Some(None)
+    } else {
+        declared_length(&parts.headers)
+    };
+    let framing = if head_only || no_content || status == http::StatusCode::NOT_MODIFIED {
         Framing::None
-    } else if let Some(declared) = parts.headers.get(header::CONTENT_LENGTH) {
-        match parse_digits(declared.as_bytes()) {
-            Some(n) => Framing::Length(n),
-            // The proxy never makes one; if it did, the body could not be delimited.
+    } else {
+        match declared {
+            Some(Some(n)) => Framing::Length(n),
+            Some(None) => match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            },
+            // The request path never hands one over; if it did, the body could not be
+            // delimited.
             None => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "bad Content-Length in a response",
+                    "bad or conflicting Content-Length in a response",
                 ))
             }
-        }
-    } else {
-        match body.size_hint().exact() {
-            Some(n) => Framing::Length(n),
-            None => Framing::Chunked,
         }
     };
 
@@ -384,7 +388,10 @@ async fn write_response<S: Socket>(
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         // Framing is this connection's to decide.
-        if name == header::TRANSFER_ENCODING || (name == header::CONNECTION && !keep_alive) {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_LENGTH
+            || (name == header::CONNECTION && !keep_alive)
+        {
             continue;
         }
         put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
@@ -392,12 +399,14 @@ async fn write_response<S: Socket>(
     if !parts.headers.contains_key(header::DATE) {
         with_http_date(|date| put_header(&mut out, b"date", date));
     }
-    match framing {
-        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+    match (framing, declared) {
+        (Framing::Length(n), _) | (Framing::None, Some(Some(n))) => {
+            // Without a body, a HEAD or 304 answer keeps the length it declares (that of the
+            // body a GET would get); a 1xx or 204 declares none (`declared` is empty).
             put_header(&mut out, b"content-length", decimal(n, &mut [0; 20]));
         }
-        Framing::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
-        _ => {}
+        (Framing::Chunked, _) => put_header(&mut out, b"transfer-encoding", b"chunked"),
+        (Framing::None, _) => {}
     }
     if !keep_alive {
         put_header(&mut out, b"connection", b"close");
@@ -490,6 +499,20 @@ async fn write_response<S: Socket>(
             }
         }
     }
+}
+
+/// The body length the `Content-Length` headers declare: `Some(None)` when there are none,
+/// `None` when a value is not a length or two values differ.
+fn declared_length(headers: &HeaderMap) -> Option<Option<u64>> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let n = parse_digits(value.as_bytes())?;
+        if length.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length)
 }
 
 fn asks_to_close(headers: &HeaderMap) -> bool {
@@ -631,6 +654,87 @@ mod tests {
         ] {
             assert_eq!(plain(head), None, "{head:?}");
         }
+    }
+
+    /// What the response writer sends for `status`, `headers` and `body` (the connection
+    /// then closes), or its error.
+    async fn written(
+        status: u16,
+        headers: &[(&'static str, &'static str)],
+        body: &'static str,
+        head_only: bool,
+    ) -> io::Result<String> {
+        use crate::proxy::body::ProxyBody;
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut client = TcpStream::connect(listener.local_addr()?).await?;
+        let (mut server, _) = listener.accept().await?;
+        let status = http::StatusCode::from_u16(status).expect("status");
+        let mut response = Response::new(ObservedBody::new(
+            ProxyBody::full(Bytes::from_static(body.as_bytes())),
+            status,
+            None,
+        ));
+        *response.status_mut() = status;
+        for (name, value) in headers {
+            response.headers_mut().append(*name, HeaderValue::from_static(value));
+        }
+        let mut buf = BytesMut::new();
+        let to = Client {
+            stream: &mut server,
+            buf: &mut buf,
+            watching: false,
+        };
+        write_response(to, response, head_only, false).await?;
+        drop(server);
+        let mut out = String::new();
+        client.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    fn lengths(response: &str) -> Vec<&str> {
+        response
+            .split("\r\n")
+            .filter_map(|line| line.strip_prefix("content-length: "))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_writer_sends_one_content_length_and_none_on_1xx_or_204() {
+        let twice = [("content-length", "5"), ("x-a", "1"), ("content-length", "5")];
+        let sent = written(200, &twice, "hello", false).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "{sent}");
+        assert!(sent.ends_with("\r\n\r\nhello"), "{sent}");
+        let sent = written(200, &twice, "", true).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "HEAD: {sent}");
+        assert!(sent.ends_with("\r\n\r\n"), "{sent}");
+        let sent = written(304, &[("content-length", "9"), ("content-length", "9")], "", false)
+            .await
+            .unwrap();
+        assert_eq!(lengths(&sent), ["9"], "{sent}");
+        let sent = written(304, &[("content-length", "9"), ("content-length", "8")], "", false)
+            .await
+            .unwrap();
+        assert_eq!(lengths(&sent), Vec::<&str>::new(), "{sent}");
+        for status in [204, 103, 100] {
+            for head_only in [false, true] {
+                let sent = written(
+                    status,
+                    &[("content-length", "7"), ("content-length", "0")],
+                    "",
+                    head_only,
+                )
+                .await
+                .unwrap();
+                assert_eq!(lengths(&sent), Vec::<&str>::new(), "{status}: {sent}");
+                assert!(!sent.contains("transfer-encoding"), "{sent}");
+            }
+        }
+        // No header: the body's own length, once.
+        let sent = written(200, &[], "hello", false).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "{sent}");
+        let sent = written(200, &[("content-length", "5"), ("content-length", "6")], "hello", false).await;
+        assert_eq!(sent.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
