@@ -556,3 +556,81 @@ async fn differing_content_lengths_from_the_upstream_are_a_502() {
     }
     proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Request heads whose last line ends in a bare LF.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_ending_in_a_bare_lf_line_are_answered_on_every_path() {
+    let upstream = RawUpstream::start(Arc::new(|head: &str| {
+        ok(head.lines().next().unwrap_or("").split(' ').nth(1).unwrap_or(""))
+    }))
+    .await;
+    let proxy = upstream.proxy("").await;
+    let endings = ["\n\r\n", "\r\n\n", "\n\n"];
+    for ending in endings {
+        let head = format!("GET /lf HTTP/1.1\r\nHost: 127.0.0.1{ending}");
+        for (path, response) in [
+            ("plain", on_plain_path(&proxy, &head, false).await),
+            ("hyper", on_hyper_path(&proxy, &head, false).await),
+        ] {
+            assert_eq!(
+                (response.status, response.body.as_slice()),
+                (200, &b"/lf"[..]),
+                "{path}: {ending:?}"
+            );
+        }
+        // The request line alone.
+        let response = on_plain_path(&proxy, &format!("GET /line HTTP/1.1{ending}"), false).await;
+        assert_eq!(response.status, 200, "request line alone, {ending:?}");
+
+        // Split at every offset, in two writes.
+        for at in 1..head.len() {
+            let mut conn = Conn::open(proxy.addr).await;
+            conn.send(&head.as_bytes()[..at]).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            conn.send(&head.as_bytes()[at..]).await;
+            let response = conn.next(false).await;
+            assert_eq!(response.status, 200, "{ending:?} split at {at}");
+        }
+        // A byte per write.
+        let mut conn = Conn::open(proxy.addr).await;
+        for byte in head.as_bytes() {
+            conn.send(std::slice::from_ref(byte)).await;
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(conn.next(false).await.status, 200, "{ending:?} a byte per write");
+
+        // Two such heads pipelined, then a plain one, then the same again on that connection.
+        let mut conn = Conn::open(proxy.addr).await;
+        let pipeline = format!(
+            "GET /p1 HTTP/1.1\r\nHost: 127.0.0.1{ending}GET /p2 HTTP/1.1\r\nHost: 127.0.0.1{ending}GET /p3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        );
+        conn.send(pipeline.as_bytes()).await;
+        conn.send(pipeline.as_bytes()).await;
+        let mut bodies = Vec::new();
+        for _ in 0..6 {
+            bodies.push(String::from_utf8(conn.next(false).await.body).expect("utf-8"));
+        }
+        assert_eq!(bodies, ["/p1", "/p2", "/p3", "/p1", "/p2", "/p3"], "{ending:?}");
+
+        // A plain request first, then one such head, a plain one and a chunked upload in one
+        // write.
+        let mut conn = Conn::open(proxy.addr).await;
+        conn.send(b"GET /q0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        assert_eq!(conn.next(false).await.body, b"/q0");
+        conn.send(
+            format!(
+                "GET /q1 HTTP/1.1\r\nHost: 127.0.0.1{ending}GET /q2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{TO_HYPER}GET /q3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            bodies.push(String::from_utf8(conn.next(false).await.body).expect("utf-8"));
+        }
+        assert_eq!(bodies, ["/q1", "/q2", "/to-hyper", "/q3"], "{ending:?}");
+    }
+    proxy.stop().await;
+}

@@ -10,10 +10,11 @@
 //! idle keep-alive connection at ~13 KB; here it is the socket and this task.
 //!
 //! The first head that is anything else (a WebSocket upgrade, a chunked or large upload,
-//! `Expect: 100-continue`, HTTP/1.0, conflicting framing, a head httparse or the limits refuse)
-//! hands the connection to hyper for the rest of its life, with the bytes read so far replayed
-//! first ([`Rewind`]). hyper, the framing tap and the upgrade path then answer it exactly as
-//! they answer every request on a connection that starts with one.
+//! `Expect: 100-continue`, HTTP/1.0, conflicting framing, a head whose last line ends in a bare
+//! LF, a head httparse or the limits refuse) hands the connection to hyper for the rest of its
+//! life, with the bytes read so far replayed first ([`Rewind`]). hyper, the framing tap and the
+//! upgrade path then answer it exactly as they answer every request on a connection that starts
+//! with one.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
@@ -194,15 +195,18 @@ async fn read_request<S: Socket>(stream: &mut S, buf: &mut BytesMut, settings: &
     let max_head = settings.limits.parser_max_head_bytes();
     let mut scanned = 0;
     let head_len = loop {
-        if let Some(end) = memchr::memmem::find(&buf[scanned..], b"\r\n\r\n") {
-            break scanned + end + 4;
+        match find_head_end(buf, scanned) {
+            Some(HeadEnd::Crlf(end)) => break end,
+            // A head whose last line ends in a bare LF (httparse and hyper accept them): hyper's.
+            Some(HeadEnd::BareLf) => return Ok(Read::HandOff(std::mem::take(buf).freeze())),
+            None => {}
         }
-        // A head with bare-LF line ends (which httparse accepts), or past hyper's bound (it
-        // answers 431): hyper's.
-        if buf.len() >= max_head || memchr::memmem::find(&buf[scanned..], b"\n\n").is_some() {
+        // Past hyper's bound (it answers 431): hyper's.
+        if buf.len() >= max_head {
             return Ok(Read::HandOff(std::mem::take(buf).freeze()));
         }
-        scanned = buf.len().saturating_sub(3);
+        // A line feed in the last two bytes may still begin the empty line.
+        scanned = buf.len().saturating_sub(2);
         if read_more(stream, buf, READ_CHUNK, head_deadline, "its request head").await? == 0 {
             // hyper drops a connection that ends inside a head the same way.
             return Ok(Read::Closed);
@@ -227,6 +231,32 @@ async fn read_request<S: Socket>(stream: &mut S, buf: &mut BytesMut, settings: &
         request: Request::from_parts(parts, ClientBody::Whole(body)),
         close_requested,
     }))
+}
+
+/// Where a request head ends, as httparse (and so hyper) sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadEnd {
+    /// At this offset, after `\r\n\r\n`.
+    Crlf(usize),
+    /// After an empty line that follows a line ended by a bare LF (`\n\r\n` or `\n\n`).
+    BareLf,
+}
+
+/// The end of the head in `buf`, looking from `from` on: its first empty line. Lines may end
+/// in CRLF or a bare LF, so the empty line is `\r\n` or `\n` right after a `\n` (a search for
+/// `\r\n\r\n` alone would miss a head ending in `\n\r\n` and wait for bytes that never come).
+/// One `memchr` pass over the line feeds; no allocation.
+fn find_head_end(buf: &[u8], from: usize) -> Option<HeadEnd> {
+    for offset in memchr::memchr_iter(b'\n', &buf[from..]) {
+        let lf = from + offset;
+        match buf.get(lf + 1..lf + 3) {
+            Some([b'\r', b'\n']) if lf > 0 && buf[lf - 1] == b'\r' => return Some(HeadEnd::Crlf(lf + 3)),
+            Some([b'\r', b'\n']) => return Some(HeadEnd::BareLf),
+            _ if buf.get(lf + 1) == Some(&b'\n') => return Some(HeadEnd::BareLf),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// One read of up to `room` more bytes into `buf`, by `deadline`; `0` is end of stream.
@@ -653,6 +683,66 @@ mod tests {
             &many_headers,
         ] {
             assert_eq!(plain(head), None, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn the_head_ends_at_its_first_empty_line() {
+        let crlf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut pipelined = crlf.to_vec();
+        pipelined.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+        assert_eq!(find_head_end(crlf, 0), Some(HeadEnd::Crlf(crlf.len())));
+        assert_eq!(find_head_end(&pipelined, 0), Some(HeadEnd::Crlf(crlf.len())));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\n", 0), Some(HeadEnd::Crlf(18)));
+        // Leading empty lines (RFC 9112 §2.2) end nothing but themselves; httparse skips them.
+        assert_eq!(find_head_end(b"\r\nGET / HTTP/1.1\r\n\r\n", 0), Some(HeadEnd::Crlf(20)));
+        for bare in [
+            &b"GET / HTTP/1.1\r\nHost: a\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\n",
+            b"GET / HTTP/1.1\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"\n\r\n",
+        ] {
+            assert_eq!(find_head_end(bare, 0), Some(HeadEnd::BareLf), "{bare:?}");
+        }
+        for unfinished in [
+            &b""[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+            b"GET / HTTP/1.1\r\nHost: a\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\r",
+            b"GET / HTTP/1.1\r\nX: a\n\rb\r\n",
+        ] {
+            assert_eq!(find_head_end(unfinished, 0), None, "{unfinished:?}");
+        }
+    }
+
+    #[test]
+    fn a_head_end_is_found_however_the_reads_split_it() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\n",
+        ] {
+            let whole = find_head_end(head, 0);
+            assert!(whole.is_some());
+            // Reads of every size, resuming where read_request resumes.
+            for step in 1..head.len() {
+                let (mut len, mut scanned) = (0, 0);
+                let found = loop {
+                    len = (len + step).min(head.len());
+                    if let Some(end) = find_head_end(&head[..len], scanned) {
+                        break Some(end);
+                    }
+                    if len == head.len() {
+                        break None;
+                    }
+                    scanned = len.saturating_sub(2);
+                };
+                assert_eq!(found, whole, "{head:?} read {step} bytes at a time");
+            }
         }
     }
 
