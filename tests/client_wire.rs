@@ -634,3 +634,46 @@ async fn heads_ending_in_a_bare_lf_line_are_answered_on_every_path() {
     }
     proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Absolute-form request targets.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_is_forwarded_in_origin_form() {
+    let upstream = RawUpstream::start(Arc::new(|_: &str| ok("ok"))).await;
+    let proxy = upstream.proxy("[policy]\nallow = [\"GET /\", \"GET /v1/**\"]\n").await;
+    let port = proxy.addr.port();
+    let cases = [
+        ("http://127.0.0.1?x=1".to_string(), "/?x=1"),
+        (format!("http://127.0.0.1:{port}?x=1&y=2"), "/?x=1&y=2"),
+        ("http://localhost".to_string(), "/"),
+        (format!("http://[::1]:{port}"), "/"),
+        ("http://127.0.0.1/v1/voices?x=1".to_string(), "/v1/voices?x=1"),
+        (format!("HTTP://LOCALHOST:{port}/v1/a"), "/v1/a"),
+    ];
+    for (target, origin_form) in &cases {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        for (path, response) in [
+            ("plain", on_plain_path(&proxy, &request, false).await),
+            ("hyper", on_hyper_path(&proxy, &request, false).await),
+        ] {
+            assert_eq!(response.status, 200, "{path}: {target}: {:?}", response.head);
+            let lines = forwarded(&upstream);
+            assert_eq!(
+                lines.last().map(String::as_str),
+                Some(format!("GET {origin_form} HTTP/1.1").as_str()),
+                "{path}: {target}"
+            );
+        }
+    }
+    // The policy sees the origin form too: a path it does not allow is refused.
+    let response = on_plain_path(
+        &proxy,
+        "GET http://127.0.0.1/admin?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        false,
+    )
+    .await;
+    assert_eq!(response.status, 403, "{:?}", response.head);
+    assert_eq!(forwarded(&upstream).len(), cases.len() * 2);
+    proxy.stop().await;
+}
