@@ -75,11 +75,19 @@ impl Rule {
         })
     }
 
-    /// Whether a request's method and path fall under this rule.
+    /// Whether a request's method and path fall under this rule. The method is compared in
+    /// any letter case: methods are case-sensitive (RFC 9110 §9.1), so `delete` is not
+    /// `DELETE` to HTTP, but an upstream may treat it as one, and a deny rule must not be
+    /// dodged by spelling. A `GET` rule covers `HEAD` in any case too.
     pub fn matches(&self, method: &Method, path: &str) -> bool {
         let method_ok = match &self.method {
             None => true,
-            Some(m) => m == method || (m == Method::GET && method == Method::HEAD),
+            Some(m) => {
+                // The rule's method is upper case (see `parse`); a byte comparison, no copy.
+                let asked = method.as_str().as_bytes();
+                m.as_str().as_bytes().eq_ignore_ascii_case(asked)
+                    || (m == Method::GET && asked.eq_ignore_ascii_case(b"HEAD"))
+            }
         };
         method_ok && glob(self.path.as_bytes(), path.as_bytes())
     }
@@ -116,5 +124,26 @@ mod tests {
         assert!(glob(b"/a/b*", b"/a/bcd"));
         assert!(!glob(b"/a/b", b"/a/b/"));
         assert!(glob(b"/waves/v1", b"/WAVES/V1"));
+    }
+
+    #[test]
+    fn methods_match_in_any_case_and_get_covers_head() {
+        let method = |m: &str| Method::from_bytes(m.as_bytes()).unwrap();
+        let delete = Rule::parse("DELETE /**").unwrap();
+        for m in ["DELETE", "delete", "Delete", "dELETE"] {
+            assert!(delete.matches(&method(m), "/x"), "{m}");
+        }
+        for m in ["DELETES", "DELET", "GET", "POST"] {
+            assert!(!delete.matches(&method(m), "/x"), "{m}");
+        }
+        let get = Rule::parse("get /v1/**").unwrap();
+        for m in ["GET", "get", "HEAD", "head", "Head"] {
+            assert!(get.matches(&method(m), "/v1/voices"), "{m}");
+        }
+        assert!(!get.matches(&method("HEADS"), "/v1/voices"));
+        assert!(!Rule::parse("HEAD /v1/**")
+            .unwrap()
+            .matches(&method("get"), "/v1/voices"));
+        assert!(Rule::parse("/v1/**").unwrap().matches(&method("anything"), "/v1/x"));
     }
 }

@@ -261,6 +261,7 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         rewrite::strip_hop_by_hop(&mut parts.headers);
+        rewrite::normalise_content_length(parts.status, &mut parts.headers)?;
         parts.version = Version::HTTP_11;
         let idle = IdleTimer::new(self.bounds.stream_idle_timeout);
         Ok(Response::from_parts(

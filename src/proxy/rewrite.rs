@@ -4,9 +4,16 @@
 //! its own credentials or framing is removed first (its `Authorization`, `Proxy-*`, hop-by-hop
 //! headers and every header its `Connection` names), and only then is the key inserted, so no
 //! client header can ever displace, duplicate or follow the injected one.
+//!
+//! On the way back, a response head loses its hop-by-hop headers and its `Content-Length` is
+//! made one the client can rely on ([`normalise_content_length`]), whichever writer (the front
+//! end's or hyper's) then frames it.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 
+use crate::error::ProxyError;
+use crate::upstream::wire::parse_digits;
 use crate::upstream::UpstreamBase;
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
@@ -80,6 +87,46 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// A `Connection` token naming a hop-by-hop header, in any case.
 fn is_hop_by_hop_token(token: &str) -> bool {
     HOP_BY_HOP.iter().any(|name| name.eq_ignore_ascii_case(token))
+}
+
+/// A response's `Content-Length` as the client may see it (RFC 9110 §8.6, RFC 9112 §6.3):
+/// none on a 1xx or 204, and at most one otherwise. An upstream may repeat the header with one
+/// value (RFC 9110 §8.6 lets a recipient fold those), but a client may refuse the repeat
+/// (aiohttp: "Duplicate Content-Length"), so the repeats become one. Values that differ leave
+/// the body's length unknown: the response is refused (502), except on a 304, which has no body
+/// for them to delimit and simply loses them.
+pub fn normalise_content_length(status: StatusCode, headers: &mut HeaderMap) -> Result<(), ProxyError> {
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(());
+    }
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    // The usual case, none or one, costs this one lookup.
+    if values.next().is_none() || values.next().is_none() {
+        return Ok(());
+    }
+    let mut length = None;
+    let mut agree = true;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        match (parse_digits(value.as_bytes()), length) {
+            (Some(n), None) => length = Some(n),
+            (Some(n), Some(seen)) if n == seen => {}
+            _ => agree = false,
+        }
+    }
+    match length {
+        Some(n) if agree => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Ok(())
+        }
+        _ if status == StatusCode::NOT_MODIFIED => {
+            headers.remove(header::CONTENT_LENGTH);
+            Ok(())
+        }
+        _ => Err(ProxyError::UpstreamUnavailable(
+            "the upstream's response has Content-Length values that differ, so its length is unknown".into(),
+        )),
+    }
 }
 
 /// Step one for a client request: remove everything the client could use to bring its own
@@ -188,6 +235,39 @@ mod tests {
         inject_key(&mut h, &key());
         let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
         assert_eq!(all, vec![&key()]);
+    }
+
+    #[test]
+    fn a_response_keeps_one_content_length_and_none_on_1xx_or_204() {
+        fn lengths(status: u16, values: &[&'static str]) -> Result<Vec<String>, ProxyError> {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", HeaderValue::from_static("yes"));
+            for v in values {
+                h.append(header::CONTENT_LENGTH, HeaderValue::from_static(v));
+            }
+            normalise_content_length(StatusCode::from_u16(status).unwrap(), &mut h)?;
+            assert_eq!(h["x-kept"], "yes");
+            Ok(h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect())
+        }
+        assert_eq!(lengths(200, &[]).unwrap(), Vec::<String>::new());
+        assert_eq!(lengths(200, &["5"]).unwrap(), ["5"]);
+        assert_eq!(lengths(200, &["5", "5"]).unwrap(), ["5"]);
+        assert_eq!(lengths(200, &["5", "05", "5"]).unwrap(), ["5"]);
+        assert_eq!(lengths(404, &["0", "0"]).unwrap(), ["0"]);
+        for status in [100, 101, 103, 204] {
+            assert_eq!(lengths(status, &["7"]).unwrap(), Vec::<String>::new(), "{status}");
+            assert_eq!(lengths(status, &["7", "7"]).unwrap(), Vec::<String>::new(), "{status}");
+        }
+        assert_eq!(lengths(304, &["9", "9"]).unwrap(), ["9"]);
+        assert_eq!(lengths(304, &["9"]).unwrap(), ["9"]);
+        assert_eq!(lengths(304, &["9", "8"]).unwrap(), Vec::<String>::new());
+        for bad in [&["5", "6"][..], &["5", "x"], &["5", "-5"]] {
+            let e = lengths(200, bad).unwrap_err();
+            assert_eq!(e.status_and_code().0, StatusCode::BAD_GATEWAY, "{bad:?}");
+        }
     }
 
     #[test]

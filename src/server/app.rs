@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::admin;
 use super::caller::{CallerControl, ConnInfo};
 use super::framing;
-use super::guard::{Guard, Transport};
+use super::guard::{self, Guard, Transport};
 use super::policy::PathPolicy;
 use super::request_limits::RequestLimits;
 use crate::config::Config;
@@ -59,11 +59,13 @@ impl Checks {
         })
     }
 
-    /// In order: what is refused outright (guard, body framing), sizes, the local token
-    /// (removed from the request once it matched), then the method and path.
+    /// In order: what is refused outright (guard, body framing), then the target in origin
+    /// form, sizes, the local token (removed from the request once it matched), then the method
+    /// and path.
     fn check<B>(&self, req: &mut Request<B>, transport: Transport) -> Result<(), ProxyError> {
         self.guard.check(req, transport)?;
         framing::check(req.headers())?;
+        guard::to_origin_form(req.uri_mut())?;
         self.limits.check(req)?;
         self.callers.take_token(req.headers_mut())?;
         self.paths.check(req.method(), req.uri().path())

@@ -10,10 +10,11 @@
 //! idle keep-alive connection at ~13 KB; here it is the socket and this task.
 //!
 //! The first head that is anything else (a WebSocket upgrade, a chunked or large upload,
-//! `Expect: 100-continue`, HTTP/1.0, conflicting framing, a head httparse or the limits refuse)
-//! hands the connection to hyper for the rest of its life, with the bytes read so far replayed
-//! first ([`Rewind`]). hyper, the framing tap and the upgrade path then answer it exactly as
-//! they answer every request on a connection that starts with one.
+//! `Expect: 100-continue`, HTTP/1.0, conflicting framing, a head whose last line ends in a bare
+//! LF, a head httparse or the limits refuse) hands the connection to hyper for the rest of its
+//! life, with the bytes read so far replayed first ([`Rewind`]). hyper, the gate and the upgrade
+//! path then answer it exactly as they answer every request on a connection that starts with
+//! one.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
@@ -194,15 +195,18 @@ async fn read_request<S: Socket>(stream: &mut S, buf: &mut BytesMut, settings: &
     let max_head = settings.limits.parser_max_head_bytes();
     let mut scanned = 0;
     let head_len = loop {
-        if let Some(end) = memchr::memmem::find(&buf[scanned..], b"\r\n\r\n") {
-            break scanned + end + 4;
+        match find_head_end(buf, scanned) {
+            Some(HeadEnd::Crlf(end)) => break end,
+            // A head whose last line ends in a bare LF (httparse and hyper accept them): hyper's.
+            Some(HeadEnd::BareLf) => return Ok(Read::HandOff(std::mem::take(buf).freeze())),
+            None => {}
         }
-        // A head with bare-LF line ends (which httparse accepts), or past hyper's bound (it
-        // answers 431): hyper's.
-        if buf.len() >= max_head || memchr::memmem::find(&buf[scanned..], b"\n\n").is_some() {
+        // Past hyper's bound (it answers 431): hyper's.
+        if buf.len() >= max_head {
             return Ok(Read::HandOff(std::mem::take(buf).freeze()));
         }
-        scanned = buf.len().saturating_sub(3);
+        // A line feed in the last two bytes may still begin the empty line.
+        scanned = buf.len().saturating_sub(2);
         if read_more(stream, buf, READ_CHUNK, head_deadline, "its request head").await? == 0 {
             // hyper drops a connection that ends inside a head the same way.
             return Ok(Read::Closed);
@@ -227,6 +231,32 @@ async fn read_request<S: Socket>(stream: &mut S, buf: &mut BytesMut, settings: &
         request: Request::from_parts(parts, ClientBody::Whole(body)),
         close_requested,
     }))
+}
+
+/// Where a request head ends, as httparse (and so hyper) sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadEnd {
+    /// At this offset, after `\r\n\r\n`.
+    Crlf(usize),
+    /// After an empty line that follows a line ended by a bare LF (`\n\r\n` or `\n\n`).
+    BareLf,
+}
+
+/// The end of the head in `buf`, looking from `from` on: its first empty line. Lines may end
+/// in CRLF or a bare LF, so the empty line is `\r\n` or `\n` right after a `\n` (a search for
+/// `\r\n\r\n` alone would miss a head ending in `\n\r\n` and wait for bytes that never come).
+/// One `memchr` pass over the line feeds; no allocation.
+fn find_head_end(buf: &[u8], from: usize) -> Option<HeadEnd> {
+    for offset in memchr::memchr_iter(b'\n', &buf[from..]) {
+        let lf = from + offset;
+        match buf.get(lf + 1..lf + 3) {
+            Some([b'\r', b'\n']) if lf > 0 && buf[lf - 1] == b'\r' => return Some(HeadEnd::Crlf(lf + 3)),
+            Some([b'\r', b'\n']) => return Some(HeadEnd::BareLf),
+            _ if buf.get(lf + 1) == Some(&b'\n') => return Some(HeadEnd::BareLf),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// One read of up to `room` more bytes into `buf`, by `deadline`; `0` is end of stream.
@@ -281,7 +311,7 @@ fn parse_plain(head: &Bytes) -> Option<(http::request::Parts, usize, bool)> {
             return None;
         }
         if name == header::CONTENT_LENGTH {
-            // One, digits only: anything else is the framing tap's (and hyper's) to refuse.
+            // One, digits only: anything else is hyper's to read or refuse.
             if content_length.is_some() {
                 return None;
             }
@@ -352,27 +382,31 @@ async fn write_response<S: Socket>(
     let mut body = pin!(body);
     let status = parts.status;
     let mut keep_alive = keep_alive && !asks_to_close(&parts.headers);
-    let framing = if head_only
-        || status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED
-    {
+    // Content-Length is this writer's to write, once, whatever the headers hold: never on a
+    // 1xx or 204 (RFC 9110 §8.6), and repeats of one value folded into one.
+    let no_content = status.is_informational() || status == http::StatusCode::NO_CONTENT;
+    let declared = if no_content {
+        Some(None)
+    } else {
+        declared_length(&parts.headers)
+    };
+    let framing = if head_only || no_content || status == http::StatusCode::NOT_MODIFIED {
         Framing::None
-    } else if let Some(declared) = parts.headers.get(header::CONTENT_LENGTH) {
-        match parse_digits(declared.as_bytes()) {
-            Some(n) => Framing::Length(n),
-            // The proxy never makes one; if it did, the body could not be delimited.
+    } else {
+        match declared {
+            Some(Some(n)) => Framing::Length(n),
+            Some(None) => match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            },
+            // The request path never hands one over; if it did, the body could not be
+            // delimited.
             None => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "bad Content-Length in a response",
+                    "bad or conflicting Content-Length in a response",
                 ))
             }
-        }
-    } else {
-        match body.size_hint().exact() {
-            Some(n) => Framing::Length(n),
-            None => Framing::Chunked,
         }
     };
 
@@ -384,7 +418,10 @@ async fn write_response<S: Socket>(
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         // Framing is this connection's to decide.
-        if name == header::TRANSFER_ENCODING || (name == header::CONNECTION && !keep_alive) {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_LENGTH
+            || (name == header::CONNECTION && !keep_alive)
+        {
             continue;
         }
         put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
@@ -392,12 +429,14 @@ async fn write_response<S: Socket>(
     if !parts.headers.contains_key(header::DATE) {
         with_http_date(|date| put_header(&mut out, b"date", date));
     }
-    match framing {
-        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+    match (framing, declared) {
+        (Framing::Length(n), _) | (Framing::None, Some(Some(n))) => {
+            // Without a body, a HEAD or 304 answer keeps the length it declares (that of the
+            // body a GET would get); a 1xx or 204 declares none (`declared` is empty).
             put_header(&mut out, b"content-length", decimal(n, &mut [0; 20]));
         }
-        Framing::Chunked => put_header(&mut out, b"transfer-encoding", b"chunked"),
-        _ => {}
+        (Framing::Chunked, _) => put_header(&mut out, b"transfer-encoding", b"chunked"),
+        (Framing::None, _) => {}
     }
     if !keep_alive {
         put_header(&mut out, b"connection", b"close");
@@ -490,6 +529,20 @@ async fn write_response<S: Socket>(
             }
         }
     }
+}
+
+/// The body length the `Content-Length` headers declare: `Some(None)` when there are none,
+/// `None` when a value is not a length or two values differ.
+fn declared_length(headers: &HeaderMap) -> Option<Option<u64>> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let n = parse_digits(value.as_bytes())?;
+        if length.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length)
 }
 
 fn asks_to_close(headers: &HeaderMap) -> bool {
@@ -631,6 +684,147 @@ mod tests {
         ] {
             assert_eq!(plain(head), None, "{head:?}");
         }
+    }
+
+    #[test]
+    fn the_head_ends_at_its_first_empty_line() {
+        let crlf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut pipelined = crlf.to_vec();
+        pipelined.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+        assert_eq!(find_head_end(crlf, 0), Some(HeadEnd::Crlf(crlf.len())));
+        assert_eq!(find_head_end(&pipelined, 0), Some(HeadEnd::Crlf(crlf.len())));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\n", 0), Some(HeadEnd::Crlf(18)));
+        // Leading empty lines (RFC 9112 §2.2) end nothing but themselves; httparse skips them.
+        assert_eq!(find_head_end(b"\r\nGET / HTTP/1.1\r\n\r\n", 0), Some(HeadEnd::Crlf(20)));
+        for bare in [
+            &b"GET / HTTP/1.1\r\nHost: a\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\n",
+            b"GET / HTTP/1.1\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"\n\r\n",
+        ] {
+            assert_eq!(find_head_end(bare, 0), Some(HeadEnd::BareLf), "{bare:?}");
+        }
+        for unfinished in [
+            &b""[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+            b"GET / HTTP/1.1\r\nHost: a\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\r",
+            b"GET / HTTP/1.1\r\nX: a\n\rb\r\n",
+        ] {
+            assert_eq!(find_head_end(unfinished, 0), None, "{unfinished:?}");
+        }
+    }
+
+    #[test]
+    fn a_head_end_is_found_however_the_reads_split_it() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\n",
+        ] {
+            let whole = find_head_end(head, 0);
+            assert!(whole.is_some());
+            // Reads of every size, resuming where read_request resumes.
+            for step in 1..head.len() {
+                let (mut len, mut scanned) = (0, 0);
+                let found = loop {
+                    len = (len + step).min(head.len());
+                    if let Some(end) = find_head_end(&head[..len], scanned) {
+                        break Some(end);
+                    }
+                    if len == head.len() {
+                        break None;
+                    }
+                    scanned = len.saturating_sub(2);
+                };
+                assert_eq!(found, whole, "{head:?} read {step} bytes at a time");
+            }
+        }
+    }
+
+    /// What the response writer sends for `status`, `headers` and `body` (the connection
+    /// then closes), or its error.
+    async fn written(
+        status: u16,
+        headers: &[(&'static str, &'static str)],
+        body: &'static str,
+        head_only: bool,
+    ) -> io::Result<String> {
+        use crate::proxy::body::ProxyBody;
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut client = TcpStream::connect(listener.local_addr()?).await?;
+        let (mut server, _) = listener.accept().await?;
+        let status = http::StatusCode::from_u16(status).expect("status");
+        let mut response = Response::new(ObservedBody::new(
+            ProxyBody::full(Bytes::from_static(body.as_bytes())),
+            status,
+            None,
+        ));
+        *response.status_mut() = status;
+        for (name, value) in headers {
+            response.headers_mut().append(*name, HeaderValue::from_static(value));
+        }
+        let mut buf = BytesMut::new();
+        let to = Client {
+            stream: &mut server,
+            buf: &mut buf,
+            watching: false,
+        };
+        write_response(to, response, head_only, false).await?;
+        drop(server);
+        let mut out = String::new();
+        client.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    fn lengths(response: &str) -> Vec<&str> {
+        response
+            .split("\r\n")
+            .filter_map(|line| line.strip_prefix("content-length: "))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_writer_sends_one_content_length_and_none_on_1xx_or_204() {
+        let twice = [("content-length", "5"), ("x-a", "1"), ("content-length", "5")];
+        let sent = written(200, &twice, "hello", false).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "{sent}");
+        assert!(sent.ends_with("\r\n\r\nhello"), "{sent}");
+        let sent = written(200, &twice, "", true).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "HEAD: {sent}");
+        assert!(sent.ends_with("\r\n\r\n"), "{sent}");
+        let sent = written(304, &[("content-length", "9"), ("content-length", "9")], "", false)
+            .await
+            .unwrap();
+        assert_eq!(lengths(&sent), ["9"], "{sent}");
+        let sent = written(304, &[("content-length", "9"), ("content-length", "8")], "", false)
+            .await
+            .unwrap();
+        assert_eq!(lengths(&sent), Vec::<&str>::new(), "{sent}");
+        for status in [204, 103, 100] {
+            for head_only in [false, true] {
+                let sent = written(
+                    status,
+                    &[("content-length", "7"), ("content-length", "0")],
+                    "",
+                    head_only,
+                )
+                .await
+                .unwrap();
+                assert_eq!(lengths(&sent), Vec::<&str>::new(), "{status}: {sent}");
+                assert!(!sent.contains("transfer-encoding"), "{sent}");
+            }
+        }
+        // No header: the body's own length, once.
+        let sent = written(200, &[], "hello", false).await.unwrap();
+        assert_eq!(lengths(&sent), ["5"], "{sent}");
+        let sent = written(200, &[("content-length", "5"), ("content-length", "6")], "hello", false).await;
+        assert_eq!(sent.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]

@@ -2,13 +2,21 @@
 //! upstream, not an open proxy, and a browser page must not be able to spend the key.
 //!
 //! - `CONNECT` → 405: no tunnels to arbitrary hosts.
+//! - `TRACE` (and IIS's `TRACK`) → 405: a server or intermediary that implements it echoes the
+//!   request it received, and the request it receives carries the injected key (RFC 9110
+//!   §9.3.8: a TRACE must not carry sensitive fields; this proxy would add one).
+//!
+//!   Methods are case-sensitive (RFC 9110 §9.1), but servers and frameworks that upper-case them
+//!   exist, so these three are refused in any letter case.
 //! - absolute-form request targets (`GET http://evil/ HTTP/1.1`) naming anything but this
-//!   loopback proxy → 400.
+//!   loopback proxy → 400. One that names it is then rewritten to the origin form it stands for
+//!   ([`to_origin_form`]), before anything else reads the target.
 //! - a `Host` that is not loopback on a loopback TCP listener → 421 (DNS rebinding: a page on
 //!   `evil.example` resolving to 127.0.0.1 still sends `Host: evil.example`).
 //! - a browser `Origin` not explicitly allowed → 403.
 
-use http::{header, Method, Request};
+use http::uri::PathAndQuery;
+use http::{header, Method, Request, Uri};
 
 use crate::config::host_is_loopback;
 use crate::error::ProxyError;
@@ -31,10 +39,19 @@ pub enum Transport {
 
 impl Guard {
     pub fn check<B>(&self, req: &Request<B>, transport: Transport) -> Result<(), ProxyError> {
-        if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed(
-                "CONNECT is not supported: this is not a forward proxy".into(),
-            ));
+        match refused_method(req.method()) {
+            Some(Refused::Connect) => {
+                return Err(ProxyError::MethodNotAllowed(
+                    "CONNECT is not supported: this is not a forward proxy".into(),
+                ))
+            }
+            Some(Refused::Trace) => {
+                return Err(ProxyError::MethodNotAllowed(format!(
+                    "{} is not supported: the request would be echoed back with the proxy's key in it",
+                    req.method()
+                )))
+            }
+            None => {}
         }
         if let Some(authority) = req.uri().authority() {
             if !host_is_loopback(authority.host()) {
@@ -63,6 +80,41 @@ impl Guard {
             }
         }
         Ok(())
+    }
+}
+
+/// An absolute-form (or authority-form) target the guard accepted, as the origin form it
+/// stands for: `http://127.0.0.1:8787/v1/x?y=1` → `/v1/x?y=1`, and an empty path is `/`
+/// (RFC 9112 §3.2.1, §3.2.2), so `http://127.0.0.1?x=1` → `/?x=1`, not `?x=1`. Run once, after
+/// the guard and before the policy, so the policy, the access line and the upstream see one
+/// target. An origin-form target (every plain request) is left as it is, without a copy.
+pub fn to_origin_form(uri: &mut Uri) -> Result<(), ProxyError> {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return Ok(());
+    }
+    let origin = match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) => PathAndQuery::try_from(format!("/{}", pq.as_str()))
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))?,
+        None => PathAndQuery::from_static("/"),
+    };
+    *uri = Uri::from(origin);
+    Ok(())
+}
+
+enum Refused {
+    Connect,
+    Trace,
+}
+
+/// `CONNECT`, `TRACE` or `TRACK` in any letter case: a length test, then at most two byte
+/// comparisons (no allocation; this runs for every request).
+fn refused_method(method: &Method) -> Option<Refused> {
+    let name = method.as_str().as_bytes();
+    match name.len() {
+        5 if name.eq_ignore_ascii_case(b"TRACE") || name.eq_ignore_ascii_case(b"TRACK") => Some(Refused::Trace),
+        7 if name.eq_ignore_ascii_case(b"CONNECT") => Some(Refused::Connect),
+        _ => None,
     }
 }
 
@@ -110,6 +162,27 @@ mod tests {
     }
 
     #[test]
+    fn trace_track_and_connect_are_405_in_any_case() {
+        for method in [
+            "CONNECT", "connect", "Connect", "TRACE", "trace", "Trace", "tRACE", "TRACK", "track", "Track",
+        ] {
+            let e = guard()
+                .check(&req(method, "/anything", Some("localhost"), None), Transport::Tcp)
+                .unwrap_err();
+            assert_eq!(
+                e.status_and_code(),
+                (http::StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+                "{method}"
+            );
+        }
+        for method in ["GET", "get", "TRACES", "TRAC", "CONNECTS", "PATCH", "DELETE", "OPTIONS"] {
+            guard()
+                .check(&req(method, "/anything", Some("localhost"), None), Transport::Tcp)
+                .unwrap_or_else(|e| panic!("{method}: {e:?}"));
+        }
+    }
+
+    #[test]
     fn absolute_form_for_other_hosts_is_400_but_loopback_is_fine() {
         let e = guard()
             .check(&req("GET", "http://evil.example/x", None, None), Transport::Tcp)
@@ -121,6 +194,28 @@ mod tests {
                 Transport::Tcp,
             )
             .unwrap();
+    }
+
+    #[test]
+    fn accepted_absolute_form_targets_become_origin_form() {
+        for (target, origin) in [
+            ("http://127.0.0.1?x=1", "/?x=1"),
+            ("http://127.0.0.1:8787?x=1&y=2", "/?x=1&y=2"),
+            ("http://localhost", "/"),
+            ("http://[::1]:8787/", "/"),
+            ("http://127.0.0.1/v1/voices?x=1", "/v1/voices?x=1"),
+            ("https://localhost/a/b", "/a/b"),
+            ("127.0.0.1:443", "/"),
+            ("/already?x=1", "/already?x=1"),
+            ("/", "/"),
+            ("*", "*"),
+        ] {
+            let mut uri: Uri = target.parse().unwrap();
+            to_origin_form(&mut uri).unwrap();
+            assert_eq!(uri.to_string(), origin, "{target}");
+            assert!(uri.scheme().is_none() && uri.authority().is_none(), "{target}");
+            assert_eq!(uri.path_and_query().map(|pq| pq.as_str()), Some(origin), "{target}");
+        }
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! The proxy spends the account's money and can change its state, so an operator can narrow
 //! it to what their apps call. A rule is `"METHOD /path"` or `"/path"` (any method; `*` as the
 //! method too). In the path, `*` matches within one segment and `**` across segments; a
-//! trailing `/**` also matches the path without it. Matching is ASCII case-insensitive (so a
-//! deny rule cannot be dodged by spelling a path in capitals) and ignores the query. `GET`
-//! rules cover `HEAD`.
+//! trailing `/**` also matches the path without it. Matching is ASCII case-insensitive, for
+//! the method as for the path (so a deny rule cannot be dodged by spelling `delete` or a path
+//! in capitals), and ignores the query. `GET` rules cover `HEAD`.
 //!
 //! Evaluation: a deny rule that matches refuses; otherwise, when there is any allow rule (the
 //! preset's or the config's), one must match; with none at all everything passes. A path that
@@ -193,6 +193,9 @@ mod tests {
                 ("GET", "/tts/live"),
                 ("GET", "/lightning-v2/get_voices"),
                 ("HEAD", "/lightning-v2/get_voices"),
+                ("head", "/lightning-v2/get_voices"),
+                ("get", "/lightning-v2/get_voices"),
+                ("post", "/lightning/get_speech"),
                 ("GET", "/lightning-large/get_cloned_voices"),
                 ("POST", "/lightning-large/add_voice"),
                 ("POST", "/stt/"),
@@ -221,6 +224,9 @@ mod tests {
             ("DELETE", "/api/v1/pronunciation-dicts/d1"),
             ("POST", "/admin/keys"),
             ("GET", "/other/v1/x"),
+            ("delete", "/waves/v1/lightning-large"),
+            ("Delete", "/api/v1/lightning-large/voices/abc"),
+            ("put", "/waves/v1/pronunciation-dicts"),
             ("POST", "/waves/v1/lightning/get_speech/../../pronunciation-dicts"),
             ("GET", "/waves/v1/tts/%2e%2e/x"),
             ("GET", "/waves/v1//x"),
@@ -251,6 +257,11 @@ mod tests {
         let p = policy("deny = [\"DELETE /**\"]");
         assert!(allowed(&p, "POST", "/anything"));
         assert!(!allowed(&p, "DELETE", "/waves/v1/lightning-large"));
+        assert!(
+            !allowed(&p, "delete", "/waves/v1/lightning-large"),
+            "case does not dodge a deny rule"
+        );
+        assert!(!allowed(&p, "Delete", "/x"));
 
         let p = policy("preset = \"smallest\"\ndeny = [\"/waves/v1/tts/**\"]");
         assert!(!allowed(&p, "GET", "/waves/v1/tts/live"));
