@@ -20,8 +20,12 @@
 //! Cases are drawn as choice bytes, so a failure shrinks toward the plainest request. The seed
 //! is fixed (`PROPTEST_RNG_SEED=N` picks another); `PROPTEST_CASES=N` runs more cases.
 //!
-//! The named cases below pin each divergence found by hand, from raw bytes, against what
-//! hyper does with the same bytes.
+//! The named cases below pin each divergence found by hand (or by these properties), from raw
+//! bytes, against what hyper does with the same bytes.
+//!
+//! For long runs the same harness is two cargo-fuzz targets, `fuzz/fuzz_targets/`:
+//! `cd fuzz && cargo fuzz run request_differential -- -max_len=256 -len_control=0` (and
+//! `response_differential`); on a stable toolchain prefix `RUSTC_BOOTSTRAP=1` and add `-s none`.
 
 #[path = "support/differential.rs"]
 mod differential;

@@ -1481,7 +1481,11 @@ impl ResponseCase {
     }
 }
 
+/// Interim heads; the last, an unasked 101, is drawn less often (it ends every exchange).
 const INTERIM: &[&str] = &[
+    "HTTP/1.1 100 Continue\r\n\r\n",
+    "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    "HTTP/1.1 102 Processing\r\n\r\n",
     "HTTP/1.1 100 Continue\r\n\r\n",
     "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
     "HTTP/1.1 102 Processing\r\n\r\n",
