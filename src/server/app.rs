@@ -64,7 +64,7 @@ impl Checks {
     /// and path.
     fn check<B>(&self, req: &mut Request<B>, transport: Transport) -> Result<(), ProxyError> {
         self.guard.check(req, transport)?;
-        framing::check(req.headers())?;
+        framing::check(req)?;
         guard::to_origin_form(req.uri_mut())?;
         self.limits.check(req)?;
         self.callers.take_token(req.headers_mut())?;

@@ -1098,11 +1098,10 @@ pub fn allowed_refusal(parsed: &Parsed, head: Option<&[u8]>, status: u16, code: 
     if parsed.headers.contains_key(http::header::ORIGIN) && is(403, "FORBIDDEN_ORIGIN") {
         return Some("a browser Origin (guard: 403)");
     }
-    if head.is_some_and(ambiguous_framing) && is(400, "BAD_REQUEST") {
+    if head.is_some_and(unsupported_coding) && is(400, "BAD_REQUEST") {
         return Some(
-            "ambiguous framing (Content-Length with Transfer-Encoding, two Content-Lengths, or a \
-             Transfer-Encoding other than one `chunked`): refused against request smuggling, \
-             where hyper resolves it silently (README: Request smuggling)",
+            "a Transfer-Encoding other than one `chunked` (gzip, chunked; chunked twice; two \
+             headers): re-framing would drop the coding (server/framing.rs, docs/design-notes.md)",
         );
     }
     if matches!(parsed.method.as_str(), "TRACE" | "TRACK") && (400..500).contains(&status) {
@@ -1136,28 +1135,22 @@ fn websocket_handshake(headers: &HeaderMap) -> bool {
     has(http::header::CONNECTION, b"upgrade") && has(http::header::UPGRADE, b"websocket")
 }
 
-/// Both `Content-Length` and `Transfer-Encoding`, more than one `Content-Length` (even equal),
-/// or any `Transfer-Encoding` but a single `chunked`: the shapes the proxy refuses by policy.
-pub fn ambiguous_framing(head: &[u8]) -> bool {
+/// A `Transfer-Encoding` other than a single `chunked`, as the client wrote it: the coding the
+/// proxy refuses because it could not forward it. (`Content-Length` beside it, or repeated with
+/// one value, is hyper's to read: the proxy forwards hyper's reading.)
+pub fn unsupported_coding(head: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
         return false;
     }
-    let lengths = request
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .count();
     let codings: Vec<&[u8]> = request
         .headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
         .map(|h| h.value)
         .collect();
-    lengths > 1
-        || (lengths > 0 && !codings.is_empty())
-        || codings.len() > 1
+    codings.len() > 1
         || codings
             .first()
             .is_some_and(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
