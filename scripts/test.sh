@@ -49,6 +49,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+# The cargo-fuzz targets (fuzz/, their own workspace) share the differential harness with
+# tests/differential.rs: compile them so they cannot rot (running them needs cargo-fuzz).
+echo "==> cargo check fuzz/"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
 echo "==> cargo test"
 cargo test --all-targets
 # Again with an upstream that offers only HTTP/1.1: the proxy's own HTTP/1.1 client
