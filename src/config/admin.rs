@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
+use super::{invalid, Invalid};
+
 /// `[admin]`: where `/metrics`, `/health` and `/ready` are served besides the main listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -18,5 +20,20 @@ impl AdminConfig {
     /// The admin address (validated at load).
     pub fn socket_address(&self) -> Option<SocketAddr> {
         self.address.as_deref().and_then(|a| a.parse().ok())
+    }
+}
+
+impl AdminConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if let Some(address) = &self.address {
+            if address.parse::<SocketAddr>().is_err() {
+                return invalid(
+                    "admin.address",
+                    format!("{address:?} is not an IP address with a port, like \"127.0.0.1:9090\""),
+                );
+            }
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::duration_str;
+use super::{duration_str, host_is_loopback, invalid, Invalid};
 
 /// The environment variable the key is read from with `source = "env"` (and with no config).
 pub const DEFAULT_KEY_ENV: &str = "SMALLEST_API_KEY";
@@ -163,4 +163,81 @@ pub enum KeySourceKind {
     File,
     Vault,
     Aws,
+}
+
+impl KeyConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if self.source == KeySourceKind::File && self.file.is_none() {
+            return invalid(
+                "key.file",
+                "source = \"file\" needs `file`, the path of the file holding the key".into(),
+            );
+        }
+        if self.source == KeySourceKind::Env && self.env.is_empty() {
+            return invalid("key.env", "must name an environment variable".into());
+        }
+        if self.source == KeySourceKind::Vault {
+            let Some(vault) = &self.vault else {
+                return invalid(
+                    "key.vault",
+                    "source = \"vault\" needs a [key.vault] table with at least `path`".into(),
+                );
+            };
+            let Some(address) = &vault.address else {
+                return invalid(
+                    "key.vault.address",
+                    "set it, or VAULT_ADDR, to the Vault/OpenBao URL".into(),
+                );
+            };
+            match address.parse::<http::Uri>().ok().filter(|u| u.authority().is_some()) {
+                Some(u) if u.scheme_str() == Some("https") => {}
+                Some(u) if u.scheme_str() == Some("http") && host_is_loopback(u.host().unwrap_or_default()) => {}
+                _ => {
+                    return invalid(
+                        "key.vault.address",
+                        format!("{address:?} must be an https URL (plain http only to a loopback host: the Vault token would cross the network in clear)"),
+                    )
+                }
+            }
+            if vault.kv_version != 1 && vault.kv_version != 2 {
+                return invalid("key.vault.kv_version", "must be 1 or 2".into());
+            }
+            let auth = &vault.auth;
+            match auth.method {
+                VaultAuthMethod::Approle if auth.role_id.is_none() && auth.role_id_file.is_none() => {
+                    return invalid(
+                        "key.vault.auth.role_id",
+                        "method = \"approle\" needs role_id or role_id_file".into(),
+                    )
+                }
+                VaultAuthMethod::Jwt | VaultAuthMethod::Kubernetes if auth.role.is_none() => {
+                    return invalid(
+                        "key.vault.auth.role",
+                        format!(
+                            "method = \"{}\" needs the Vault role to log in as",
+                            auth.method.as_str()
+                        ),
+                    )
+                }
+                VaultAuthMethod::Jwt if auth.jwt_file.is_none() => {
+                    return invalid(
+                        "key.vault.auth.jwt_file",
+                        "method = \"jwt\" needs the file holding the JWT".into(),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if self.source == KeySourceKind::Aws && self.aws.is_none() {
+            return invalid(
+                "key.aws",
+                "source = \"aws\" needs a [key.aws] table with at least `secret_id`".into(),
+            );
+        }
+        if self.refresh_interval < Duration::from_secs(1) {
+            return invalid("key.refresh_interval", "must be at least 1s".into());
+        }
+        Ok(())
+    }
 }

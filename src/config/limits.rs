@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-use super::{duration_str, opt_duration_str};
+use super::{duration_str, invalid, opt_duration_str, Invalid};
 
 /// Waiting requests per class beyond which new ones are shed at once.
 pub const DEFAULT_MAX_QUEUE: usize = 1000;
@@ -159,4 +159,54 @@ fn default_key_prefix() -> String {
 }
 fn default_redis_timeout() -> Duration {
     DEFAULT_REDIS_TIMEOUT
+}
+
+impl LimitsConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        let limits = self;
+        for (i, class) in limits.class.iter().enumerate() {
+            let at = |field: &str| format!("limits.class[{i}].{field}");
+            if class.name.is_empty() || class.name == DEFAULT_CLASS_NAME {
+                return invalid(&at("name"), format!("needs a name other than {DEFAULT_CLASS_NAME:?}"));
+            }
+            if limits.class[..i].iter().any(|c| c.name == class.name) {
+                return invalid(&at("name"), format!("{:?} is used by two classes", class.name));
+            }
+            if class.paths.is_empty() || class.paths.iter().any(|p| !p.starts_with('/')) {
+                return invalid(
+                    &at("paths"),
+                    "needs at least one path prefix, each starting with /".into(),
+                );
+            }
+        }
+        for class in std::iter::once(limits.default_class()).chain(limits.classes()) {
+            let key = |field: &str| match limits.class.iter().position(|c| c.name == class.name) {
+                Some(i) => format!("limits.class[{i}].{field}"),
+                None => format!("limits.{field}"),
+            };
+            if class.rate > 0 && class.per.is_zero() {
+                return invalid(&key("per"), "must be longer than 0s".into());
+            }
+            if class.burst == 0 {
+                return invalid(&key("burst"), "must be at least 1".into());
+            }
+        }
+        if let Some(shared) = &limits.shared {
+            if !(shared.redis_url.starts_with("redis://")
+                || shared.redis_url.starts_with("rediss://")
+                || shared.redis_url.starts_with("redis+unix://")
+                || shared.redis_url.starts_with("unix://"))
+            {
+                return invalid(
+                    "limits.shared.redis_url",
+                    format!("{:?} is not a redis:// URL", shared.redis_url),
+                );
+            }
+            if shared.lease < Duration::from_secs(1) {
+                return invalid("limits.shared.lease", "must be at least 1s".into());
+            }
+        }
+        Ok(())
+    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::duration_str;
+use super::{duration_str, invalid, Invalid};
 
 /// Where the proxy listens when nothing says otherwise: loopback only, port 8787.
 pub const DEFAULT_LISTEN_ADDRESS: &str = "127.0.0.1:8787";
@@ -123,4 +123,61 @@ pub fn read_token_file(path: &Path) -> Result<zeroize::Zeroizing<String>, String
         ));
     }
     Ok(zeroize::Zeroizing::new(token.to_string()))
+}
+
+impl ListenConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if let Some(address) = &self.address {
+            match address.parse::<SocketAddr>() {
+                Err(_) => return invalid("listen.address", format!("{address:?} is not an IP address with a port, like \"127.0.0.1:8787\"")),
+                Ok(a) if !a.ip().is_loopback() && !self.allow_remote => {
+                    return invalid(
+                        "listen.address",
+                        format!("{address:?} is not a loopback address: anyone who can reach it could spend the key; set listen.allow_remote = true to allow it"),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        if u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8).map_or(true, |m| m > 0o777) {
+            return invalid(
+                "listen.unix_socket_mode",
+                format!("{:?} is not an octal file mode like \"0660\"", self.unix_socket_mode),
+            );
+        }
+        if self.max_connections == 0 {
+            return invalid("listen.max_connections", "must be at least 1".into());
+        }
+        if !self.allowed_uids.is_empty() && self.tcp_address().is_some() {
+            return invalid(
+                "listen.allowed_uids",
+                "restricts Unix socket callers only, but a TCP listener is open too and would let any local user in; set unix_socket without address".into(),
+            );
+        }
+        if let Some(token_file) = &self.token_file {
+            if let Err(message) = read_token_file(token_file) {
+                return invalid("listen.token_file", message);
+            }
+        }
+        for (key, value, minimum) in [
+            ("listen.max_header_bytes", self.max_header_bytes, 1024),
+            ("listen.max_headers", self.max_headers, 8),
+            ("listen.max_uri_bytes", self.max_uri_bytes, 256),
+        ] {
+            if value < minimum {
+                return invalid(key, format!("must be at least {minimum}"));
+            }
+        }
+        if self.max_body_size == Some(0) {
+            return invalid(
+                "listen.max_body_size",
+                "must be at least 1 (leave it unset for no cap)".into(),
+            );
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return invalid("listen.idle_timeout", "must be at least 100ms".into());
+        }
+        Ok(())
+    }
 }

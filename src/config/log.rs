@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{invalid, Invalid};
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -32,4 +34,19 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl LogConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if let Some(level) = &self.level {
+            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                return invalid(
+                    "log.level",
+                    format!("{level:?} is not a log filter like \"info\" or \"smallest_proxy=debug\""),
+                );
+            }
+        }
+        Ok(())
+    }
 }

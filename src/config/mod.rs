@@ -11,7 +11,6 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -48,6 +47,14 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+}
+
+/// A failed check: the dotted key path and a sentence saying what is wrong.
+pub(crate) type Invalid = (String, String);
+
+/// `Err` for `key` with `message`.
+pub(crate) fn invalid(key: &str, message: String) -> Result<(), Invalid> {
+    Err((key.to_string(), message))
 }
 
 /// A config that could not be used, with where the problem is.
@@ -154,243 +161,16 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
 }
 
 impl Config {
-    /// Checks serde cannot express. Returns the offending key path and a sentence.
-    fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: String| Err((k.to_string(), m));
-        if let Some(address) = &self.listen.address {
-            match address.parse::<SocketAddr>() {
-                Err(_) => return err("listen.address", format!("{address:?} is not an IP address with a port, like \"127.0.0.1:8787\"")),
-                Ok(a) if !a.ip().is_loopback() && !self.listen.allow_remote => {
-                    return err(
-                        "listen.address",
-                        format!("{address:?} is not a loopback address: anyone who can reach it could spend the key; set listen.allow_remote = true to allow it"),
-                    )
-                }
-                Ok(_) => {}
-            }
-        }
-        if u32::from_str_radix(self.listen.unix_socket_mode.trim_start_matches("0o"), 8).map_or(true, |m| m > 0o777) {
-            return err(
-                "listen.unix_socket_mode",
-                format!(
-                    "{:?} is not an octal file mode like \"0660\"",
-                    self.listen.unix_socket_mode
-                ),
-            );
-        }
-        if self.listen.max_connections == 0 {
-            return err("listen.max_connections", "must be at least 1".into());
-        }
-        if !self.listen.allowed_uids.is_empty() && self.listen.tcp_address().is_some() {
-            return err(
-                "listen.allowed_uids",
-                "restricts Unix socket callers only, but a TCP listener is open too and would let any local user in; set unix_socket without address".into(),
-            );
-        }
-        if let Some(token_file) = &self.listen.token_file {
-            if let Err(message) = read_token_file(token_file) {
-                return err("listen.token_file", message);
-            }
-        }
-        for (key, value, minimum) in [
-            ("listen.max_header_bytes", self.listen.max_header_bytes, 1024),
-            ("listen.max_headers", self.listen.max_headers, 8),
-            ("listen.max_uri_bytes", self.listen.max_uri_bytes, 256),
-        ] {
-            if value < minimum {
-                return err(key, format!("must be at least {minimum}"));
-            }
-        }
-        if self.listen.max_body_size == Some(0) {
-            return err(
-                "listen.max_body_size",
-                "must be at least 1 (leave it unset for no cap)".into(),
-            );
-        }
-        if self.listen.idle_timeout < Duration::from_millis(100) {
-            return err("listen.idle_timeout", "must be at least 100ms".into());
-        }
-        if self.upstream.stream_idle_timeout < Duration::from_millis(100) {
-            return err("upstream.stream_idle_timeout", "must be at least 100ms".into());
-        }
-        for (list, rules) in [("allow", &self.policy.allow), ("deny", &self.policy.deny)] {
-            for (i, rule) in rules.iter().enumerate() {
-                if let Err(message) = Rule::parse(rule) {
-                    return err(&format!("policy.{list}[{i}]"), message);
-                }
-            }
-        }
-        let url = self
-            .upstream
-            .url
-            .parse::<http::Uri>()
-            .ok()
-            .filter(|u| u.authority().is_some());
-        let Some(url) = url else {
-            return err(
-                "upstream.url",
-                format!(
-                    "{:?} is not an absolute URL like \"https://api.smallest.ai\"",
-                    self.upstream.url
-                ),
-            );
-        };
-        if url.query().is_some() {
-            return err("upstream.url", "must not carry a query string".into());
-        }
-        match url.scheme_str() {
-            Some("https") => {}
-            Some("http") if host_is_loopback(url.host().unwrap_or_default()) => {}
-            Some("http") => return err(
-                "upstream.url",
-                "plain http is allowed only to a loopback host: the key would cross the network in clear; use https"
-                    .into(),
-            ),
-            _ => {
-                return err(
-                    "upstream.url",
-                    "the scheme must be https (or http to a loopback host)".into(),
-                )
-            }
-        }
-        if let Some(ca) = &self.upstream.ca_file {
-            if !ca.is_file() {
-                return err(
-                    "upstream.ca_file",
-                    format!("{} does not exist or is not a file", ca.display()),
-                );
-            }
-        }
-        if self.key.source == KeySourceKind::File && self.key.file.is_none() {
-            return err(
-                "key.file",
-                "source = \"file\" needs `file`, the path of the file holding the key".into(),
-            );
-        }
-        if self.key.source == KeySourceKind::Env && self.key.env.is_empty() {
-            return err("key.env", "must name an environment variable".into());
-        }
-        if self.key.source == KeySourceKind::Vault {
-            let Some(vault) = &self.key.vault else {
-                return err(
-                    "key.vault",
-                    "source = \"vault\" needs a [key.vault] table with at least `path`".into(),
-                );
-            };
-            let Some(address) = &vault.address else {
-                return err(
-                    "key.vault.address",
-                    "set it, or VAULT_ADDR, to the Vault/OpenBao URL".into(),
-                );
-            };
-            match address.parse::<http::Uri>().ok().filter(|u| u.authority().is_some()) {
-                Some(u) if u.scheme_str() == Some("https") => {}
-                Some(u) if u.scheme_str() == Some("http") && host_is_loopback(u.host().unwrap_or_default()) => {}
-                _ => {
-                    return err(
-                        "key.vault.address",
-                        format!("{address:?} must be an https URL (plain http only to a loopback host: the Vault token would cross the network in clear)"),
-                    )
-                }
-            }
-            if vault.kv_version != 1 && vault.kv_version != 2 {
-                return err("key.vault.kv_version", "must be 1 or 2".into());
-            }
-            let auth = &vault.auth;
-            match auth.method {
-                VaultAuthMethod::Approle if auth.role_id.is_none() && auth.role_id_file.is_none() => {
-                    return err(
-                        "key.vault.auth.role_id",
-                        "method = \"approle\" needs role_id or role_id_file".into(),
-                    )
-                }
-                VaultAuthMethod::Jwt | VaultAuthMethod::Kubernetes if auth.role.is_none() => {
-                    return err(
-                        "key.vault.auth.role",
-                        format!(
-                            "method = \"{}\" needs the Vault role to log in as",
-                            auth.method.as_str()
-                        ),
-                    )
-                }
-                VaultAuthMethod::Jwt if auth.jwt_file.is_none() => {
-                    return err(
-                        "key.vault.auth.jwt_file",
-                        "method = \"jwt\" needs the file holding the JWT".into(),
-                    )
-                }
-                _ => {}
-            }
-        }
-        if self.key.source == KeySourceKind::Aws && self.key.aws.is_none() {
-            return err(
-                "key.aws",
-                "source = \"aws\" needs a [key.aws] table with at least `secret_id`".into(),
-            );
-        }
-        let limits = &self.limits;
-        for (i, class) in limits.class.iter().enumerate() {
-            let at = |field: &str| format!("limits.class[{i}].{field}");
-            if class.name.is_empty() || class.name == DEFAULT_CLASS_NAME {
-                return err(&at("name"), format!("needs a name other than {DEFAULT_CLASS_NAME:?}"));
-            }
-            if limits.class[..i].iter().any(|c| c.name == class.name) {
-                return err(&at("name"), format!("{:?} is used by two classes", class.name));
-            }
-            if class.paths.is_empty() || class.paths.iter().any(|p| !p.starts_with('/')) {
-                return err(
-                    &at("paths"),
-                    "needs at least one path prefix, each starting with /".into(),
-                );
-            }
-        }
-        for class in std::iter::once(limits.default_class()).chain(limits.classes()) {
-            let key = |field: &str| match limits.class.iter().position(|c| c.name == class.name) {
-                Some(i) => format!("limits.class[{i}].{field}"),
-                None => format!("limits.{field}"),
-            };
-            if class.rate > 0 && class.per.is_zero() {
-                return err(&key("per"), "must be longer than 0s".into());
-            }
-            if class.burst == 0 {
-                return err(&key("burst"), "must be at least 1".into());
-            }
-        }
-        if let Some(shared) = &limits.shared {
-            if !(shared.redis_url.starts_with("redis://")
-                || shared.redis_url.starts_with("rediss://")
-                || shared.redis_url.starts_with("redis+unix://")
-                || shared.redis_url.starts_with("unix://"))
-            {
-                return err(
-                    "limits.shared.redis_url",
-                    format!("{:?} is not a redis:// URL", shared.redis_url),
-                );
-            }
-            if shared.lease < Duration::from_secs(1) {
-                return err("limits.shared.lease", "must be at least 1s".into());
-            }
-        }
-        if self.key.refresh_interval < Duration::from_secs(1) {
-            return err("key.refresh_interval", "must be at least 1s".into());
-        }
-        if let Some(address) = &self.admin.address {
-            if address.parse::<SocketAddr>().is_err() {
-                return err(
-                    "admin.address",
-                    format!("{address:?} is not an IP address with a port, like \"127.0.0.1:9090\""),
-                );
-            }
-        }
-        if let Some(level) = &self.log.level {
-            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
-                return err(
-                    "log.level",
-                    format!("{level:?} is not a log filter like \"info\" or \"smallest_proxy=debug\""),
-                );
-            }
-        }
-        Ok(())
+    /// Checks serde cannot express, section by section. Returns the offending key path and a
+    /// sentence.
+    fn validate(&self) -> Result<(), Invalid> {
+        self.listen.validate()?;
+        self.upstream.validate()?;
+        self.policy.validate()?;
+        self.key.validate()?;
+        self.limits.validate()?;
+        self.admin.validate()?;
+        self.log.validate()
     }
 }
 

@@ -3,6 +3,8 @@
 use http::Method;
 use serde::{Deserialize, Serialize};
 
+use super::{invalid, Invalid};
+
 /// `[policy]`: which methods and paths may be forwarded at all (DESIGN.md: "path outside
 /// allow-list → 403"). Rules are `"METHOD /path"` or `"/path"` (any method); in paths `*`
 /// matches within one segment and `**` across segments. The matcher is `proxy::policy`.
@@ -104,6 +106,20 @@ fn glob(pattern: &[u8], path: &[u8]) -> bool {
             (0..=segment_end).any(|i| glob(rest, &path[i..]))
         }
         [p, rest @ ..] => path.first().is_some_and(|c| c.eq_ignore_ascii_case(p)) && glob(rest, &path[1..]),
+    }
+}
+
+impl PolicyConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        for (list, rules) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for (i, rule) in rules.iter().enumerate() {
+                if let Err(message) = Rule::parse(rule) {
+                    return invalid(&format!("policy.{list}[{i}]"), message);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::duration_str;
+use super::{duration_str, host_is_loopback, invalid, Invalid};
 
 /// The Smallest AI API.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.smallest.ai";
@@ -77,5 +77,48 @@ impl AuthScheme {
             AuthScheme::Bearer => "Bearer",
             AuthScheme::Token => "Token",
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// Checks serde cannot express.
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if self.stream_idle_timeout < Duration::from_millis(100) {
+            return invalid("upstream.stream_idle_timeout", "must be at least 100ms".into());
+        }
+        let url = self.url.parse::<http::Uri>().ok().filter(|u| u.authority().is_some());
+        let Some(url) = url else {
+            return invalid(
+                "upstream.url",
+                format!("{:?} is not an absolute URL like \"https://api.smallest.ai\"", self.url),
+            );
+        };
+        if url.query().is_some() {
+            return invalid("upstream.url", "must not carry a query string".into());
+        }
+        match url.scheme_str() {
+            Some("https") => {}
+            Some("http") if host_is_loopback(url.host().unwrap_or_default()) => {}
+            Some("http") => return invalid(
+                "upstream.url",
+                "plain http is allowed only to a loopback host: the key would cross the network in clear; use https"
+                    .into(),
+            ),
+            _ => {
+                return invalid(
+                    "upstream.url",
+                    "the scheme must be https (or http to a loopback host)".into(),
+                )
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                return invalid(
+                    "upstream.ca_file",
+                    format!("{} does not exist or is not a file", ca.display()),
+                );
+            }
+        }
+        Ok(())
     }
 }
