@@ -8,6 +8,10 @@
 //!
 //! The config holds no secret: the key itself lives in the key source and is fetched at run
 //! time, so `Config` can be printed (`smallest-proxy check`) and logged as it is.
+//!
+//! Each section is a file with its schema, defaults and checks (`listen`, `upstream` with
+//! `[auth]`, `key`, `limits`, `policy`, `log`, `admin`); this one holds the whole, loading,
+//! environment overrides, error positions and the duration format.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
