@@ -514,3 +514,80 @@ async fn an_upload_the_upstream_answers_early_gets_that_answer() {
     assert_eq!(*upstream.accepted.borrow(), 2);
     proxy.stop().await;
 }
+
+/// A chunked response whose body is `chunks` (raw bytes after the head).
+fn chunked(chunks: &[u8]) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    out.extend_from_slice(chunks);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_size_lines_are_read_as_hyper_reads_them() {
+    // Each path's body as the upstream writes it; `Some(body)` is what the client must get,
+    // `None` that the response is refused.
+    let cases: Vec<(&str, &[u8], Option<&str>)> = vec![
+        ("/bare-lf-before-extension", b"5\n;x\r\nhello\r\n0\r\n\r\n", None),
+        ("/form-feed-after-size", b"5\x0c\r\nhello\r\n0\r\n\r\n", None),
+        ("/space-before-size", b" 5\r\nhello\r\n0\r\n\r\n", None),
+        ("/bare-lf-line-end", b"5\nhello\r\n0\r\n\r\n", None),
+        ("/bare-lf-in-extension", b"5;a\nb\r\nhello\r\n0\r\n\r\n", None),
+        ("/cr-without-lf", b"5\rhello\r\n0\r\n\r\n", None),
+        ("/digit-after-whitespace", b"5 5\r\nhello\r\n0\r\n\r\n", None),
+        ("/size-overflow", b"10000000000000005\r\nhello\r\n0\r\n\r\n", None),
+        (
+            "/leading-zeros",
+            b"000000000000000000005\r\nhello\r\n0000000000000000000\r\n\r\n",
+            Some("hello"),
+        ),
+        ("/whitespace-after-size", b"5 \t \r\nhello\r\n0\r\n\r\n", Some("hello")),
+        (
+            "/quoted-extension",
+            b"5;name=\"a;b \\\" c\"\r\nhello\r\n0\r\n\r\n",
+            Some("hello"),
+        ),
+        (
+            "/whitespace-then-extension",
+            b"5\t ;x=1\r\nhello\r\n0\r\n\r\n",
+            Some("hello"),
+        ),
+    ];
+    let script: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(p, body, _)| (p.to_string(), chunked(body)))
+        .collect();
+    let upstream = Scripted::start(Arc::new(move |line: &str| {
+        let path = line.split(' ').nth(1).unwrap_or("");
+        match script.iter().find(|(p, _)| p == path) {
+            Some((_, bytes)) => Reply::Keep(bytes.clone()),
+            None => Reply::Keep(chunked(b"5\r\nhello\r\n5\n;x\r\nworld\r\n0\r\n\r\n")),
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let mut closed = 0;
+    for (path, _, expected) in &cases {
+        let (status, _, body) = send(&proxy, "GET", path).await;
+        match expected {
+            Some(expected) => {
+                assert_eq!(status, 200, "{path}");
+                assert_eq!(body.as_deref(), Ok(expected.as_bytes()), "{path}");
+            }
+            None => {
+                let body = body.unwrap();
+                let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+                assert_eq!(status, 502, "{path}: {error}");
+                assert_eq!(error["code"], "UPSTREAM_UNAVAILABLE", "{path}: {error}");
+                closed += 1;
+                upstream.wait_closed(closed).await;
+            }
+        }
+    }
+    // A bad size line after the first chunk: the head is already on its way, so the body is
+    // cut short for the client (never delivered as complete) and the connection dropped.
+    let (status, _, body) = send(&proxy, "GET", "/second-line-bad").await;
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "{body:?}");
+    upstream.wait_closed(closed + 1).await;
+    proxy.stop().await;
+}
