@@ -34,6 +34,9 @@ enum Reply {
     Held(Vec<u8>, Vec<u8>),
     /// Answer right after the head, without reading the body, then close.
     Early(Vec<u8>),
+    /// Write these pieces one by one (each flushed, a moment apart), then keep the connection
+    /// (`false`) or close it (`true`).
+    Pieces(Vec<Vec<u8>>, bool),
 }
 
 type Script = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
@@ -185,6 +188,17 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 let _ = io.flush().await;
                 release.notified().await;
                 if io.write_all(&rest).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Pieces(pieces, close) => {
+                for piece in pieces {
+                    if io.write_all(&piece).await.is_err() || io.flush().await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if close {
                     return;
                 }
             }
@@ -589,5 +603,93 @@ async fn chunk_size_lines_are_read_as_hyper_reads_them() {
     assert_eq!(status, 200);
     assert!(body.is_err(), "{body:?}");
     upstream.wait_closed(closed + 1).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_interim_heads_is_skipped_within_the_head_budget_and_refused_past_it() {
+    let flood = |n: usize| {
+        let mut bytes = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(n);
+        bytes.extend_from_slice(&ok("after the flood"));
+        bytes
+    };
+    // 2000 heads (50 KB) fit in the 64 KiB a response may spend before its body; 3000 do not.
+    let (within, past) = (flood(2000), flood(3000));
+    let upstream = Scripted::start(Arc::new(move |line: &str| {
+        if line.contains("/past") {
+            Reply::Keep(past.clone())
+        } else {
+            Reply::Keep(within.clone())
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for _ in 0..2 {
+        let (status, _, body) = send(&proxy, "GET", "/within").await;
+        assert_eq!((status, body.unwrap().as_ref()), (200, b"after the flood".as_ref()));
+    }
+    assert_eq!(*upstream.accepted.borrow(), 1, "reused after the flood");
+    let (status, _, body) = send(&proxy, "GET", "/past").await;
+    let error: serde_json::Value = serde_json::from_slice(&body.unwrap()).expect("a JSON error");
+    assert_eq!(
+        (status, &error["code"]),
+        (502, &serde_json::json!("UPSTREAM_UNAVAILABLE")),
+        "{error}"
+    );
+    upstream.wait_closed(1).await;
+    proxy.stop().await;
+}
+
+/// An interim head, then a chunked body with an extension and a trailer.
+const LAYERED: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=\"q\"\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_split_at_every_offset_or_sent_byte_by_byte_arrive_whole_on_one_connection() {
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        let path = line.split(' ').nth(1).unwrap_or("");
+        if let Some(at) = path.strip_prefix("/split/") {
+            let at: usize = at.parse().unwrap();
+            Reply::Pieces(vec![LAYERED[..at].to_vec(), LAYERED[at..].to_vec()], false)
+        } else {
+            Reply::Pieces(LAYERED.iter().map(|&b| vec![b]).collect(), false)
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for at in 1..LAYERED.len() {
+        let (status, _, body) = send(&proxy, "GET", &format!("/split/{at}")).await;
+        assert_eq!(
+            (status, body.as_deref()),
+            (200, Ok(&b"hello world"[..])),
+            "split at {at}"
+        );
+    }
+    let (status, _, body) = send(&proxy, "GET", "/bytes").await;
+    assert_eq!((status, body.as_deref()), (200, Ok(&b"hello world"[..])));
+    assert_eq!(*upstream.accepted.borrow(), 1, "every split left the connection clean");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_at_any_offset_is_never_delivered_as_complete() {
+    let head_end = LAYERED.windows(4).rposition(|w| w == b"\r\n\r\n").unwrap();
+    let final_head_end = LAYERED.windows(6).position(|w| w == b"\r\n\r\n5;").unwrap() + 4;
+    assert!(head_end > final_head_end);
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        let at: usize = line.split(' ').nth(1).unwrap_or("/0")[1..].parse().unwrap();
+        Reply::Pieces(vec![LAYERED[..at].to_vec()], true)
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for at in 0..LAYERED.len() {
+        let (status, _, body) = send(&proxy, "GET", &format!("/{at}")).await;
+        if at < final_head_end {
+            assert_eq!(status, 502, "cut at {at}");
+        } else {
+            assert_eq!(status, 200, "cut at {at}");
+            assert!(body.is_err(), "cut at {at}: {body:?}");
+        }
+        upstream.wait_closed(at + 1).await;
+    }
     proxy.stop().await;
 }

@@ -14,6 +14,7 @@
 //!   response is watched: an upstream that answers before the upload ends (a 413, a 401) is
 //!   heard, and the upload stops there.
 //! - Interim (1xx) responses are skipped; `101` is refused, since nothing here asks to upgrade.
+//!   A response's heads, interim ones included, share one 64 KiB bound.
 //! - The response body is delimited by RFC 9112 §6.3: none for HEAD, 1xx, 204 and 304; chunked
 //!   when `Transfer-Encoding` ends in chunked; else a close-delimited body for any other
 //!   `Transfer-Encoding`; else `Content-Length` (repeated only with one value); else the close.
@@ -145,11 +146,12 @@ pub async fn exchange(
         written: 0,
     };
     let head_only = parts.method == Method::HEAD;
+    let mut progress = HeadProgress::default();
     // Written and read in one poll: the request (and a streamed body as it comes), and the
     // response head, which may arrive before a long upload ends.
     let outcome = poll_fn(|cx| {
         if upload.finished || (upload.streamed && upload.written > 0) {
-            if let Poll::Ready(head) = poll_response_head(&mut conn.0, cx) {
+            if let Poll::Ready(head) = poll_response_head(&mut conn.0, &mut progress, cx) {
                 return Poll::Ready(head);
             }
         }
@@ -157,7 +159,7 @@ pub async fn exchange(
             match upload.poll_send(&mut conn.0.io, cx) {
                 Poll::Ready(Ok(())) => {
                     // The whole request is out: now wait for the answer.
-                    if let Poll::Ready(head) = poll_response_head(&mut conn.0, cx) {
+                    if let Poll::Ready(head) = poll_response_head(&mut conn.0, &mut progress, cx) {
                         return Poll::Ready(head);
                     }
                 }
@@ -343,28 +345,49 @@ fn bad_response(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("the upstream sent {what}"))
 }
 
+/// How far the reading of a response head has come, across reads.
+#[derive(Default)]
+struct HeadProgress {
+    /// Bytes of interim heads skipped so far.
+    interim: usize,
+    /// Length of the buffer when it last held only part of a head (0: nothing looked at yet).
+    looked: usize,
+}
+
 /// Read until a final (non-1xx) response head is in, and parse it.
-fn poll_response_head(conn: &mut ConnState, cx: &mut Context<'_>) -> Poll<io::Result<ResponseHead>> {
+///
+/// The bytes are frozen in place and parsed once: header values become slices of them. Interim
+/// heads are skipped by moving an offset past them (never by copying what follows), and what
+/// is left after the final head (the body's start) goes back into the buffer, in the room left
+/// after it, so usually without allocating. A head that is not complete yet goes back the same
+/// way, and is parsed again only once a later read has ended a line: so an upstream that
+/// trickles a head costs a parse per line, not per read.
+///
+/// Everything a response sends before its body (interim heads and the final head together)
+/// must stay under 64 KiB, as Go's client counts interim heads against its head limit. hyper
+/// sets no bound on interim heads (only the response timeout); this one also bounds a flood of
+/// them: at most ~3 600 of the shortest.
+fn poll_response_head(
+    conn: &mut ConnState,
+    progress: &mut HeadProgress,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<ResponseHead>> {
     loop {
-        if !conn.buf.is_empty() {
-            // Parsed once, on the bytes frozen in place: header values become slices of them.
-            // What follows the head (the body's start) goes back into the buffer, in the room
-            // left after it, so usually without allocating.
+        let line_ended = progress.looked == 0 || memchr::memchr(b'\n', &conn.buf[progress.looked..]).is_some();
+        if !conn.buf.is_empty() && line_ended {
             let bytes = conn.buf.split().freeze();
-            match parse_response_head(&bytes) {
-                Ok(Some((len, head))) => {
-                    conn.buf.extend_from_slice(&bytes[len..]);
-                    match head {
-                        Some(head) => return Poll::Ready(Ok(head)),
-                        None => continue,
-                    }
+            match scan_heads(&bytes, &mut progress.interim) {
+                Ok(HeadScan::Final(end, head)) => {
+                    conn.buf.extend_from_slice(&bytes[end..]);
+                    return Poll::Ready(Ok(head));
                 }
-                Ok(None) => conn.buf.extend_from_slice(&bytes),
+                Ok(HeadScan::Partial(start)) => conn.buf.extend_from_slice(&bytes[start..]),
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            if conn.buf.len() >= MAX_HEAD {
-                return Poll::Ready(Err(bad_response("a response head longer than 64 KiB")));
-            }
+        }
+        progress.looked = conn.buf.len();
+        if progress.interim + conn.buf.len() >= MAX_HEAD {
+            return Poll::Ready(Err(bad_response("response heads of 64 KiB or more")));
         }
         conn.buf.reserve(READ_CHUNK);
         let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf))?;
@@ -377,12 +400,42 @@ fn poll_response_head(conn: &mut ConnState, cx: &mut Context<'_>) -> Poll<io::Re
     }
 }
 
-/// A complete head at the start of `bytes`: its length, and the head when it is final (`None`
-/// for a 1xx other than 101, which is skipped). `Ok(None)` until the head is complete.
-fn parse_response_head(bytes: &Bytes) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
+/// What the bytes in hand hold toward a final head.
+enum HeadScan {
+    /// The final head, and where it ends.
+    Final(usize, ResponseHead),
+    /// No final head yet: the bytes from here on are the start of the next head.
+    Partial(usize),
+}
+
+/// Skip the complete interim heads at the start of `bytes` (adding their length to `interim`)
+/// and parse the final head if it is complete.
+fn scan_heads(bytes: &Bytes, interim: &mut usize) -> io::Result<HeadScan> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some((len, head)) = parse_response_head(bytes, at)? else {
+            break;
+        };
+        if *interim + len >= MAX_HEAD {
+            return Err(bad_response("response heads of 64 KiB or more"));
+        }
+        match head {
+            Some(head) => return Ok(HeadScan::Final(at + len, head)),
+            None => {
+                *interim += len;
+                at += len;
+            }
+        }
+    }
+    Ok(HeadScan::Partial(at))
+}
+
+/// A complete head at `bytes[at..]`: its length, and the head when it is final (`None` for a
+/// 1xx other than 101, which is skipped). `Ok(None)` until the head is complete.
+fn parse_response_head(bytes: &Bytes, at: usize) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(bytes) {
+    let len = match response.parse(&bytes[at..]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(bad_response("a response head with more than 100 headers")),
@@ -1078,7 +1131,7 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string())) {
+        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string()), 0) {
             Ok(Some((_, Some(head)))) => Ok(head),
             Ok(_) => panic!("not a complete final head: {s:?}"),
             Err(e) => Err(e),
@@ -1113,7 +1166,7 @@ mod tests {
 
     #[test]
     fn interim_heads_are_skipped_and_101_is_refused() {
-        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s));
+        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s), 0);
         assert!(matches!(
             parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
             Ok(Some((25, None)))
@@ -1121,6 +1174,52 @@ mod tests {
         assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
         assert!(matches!(parse(b"HTTP/1.1 200 OK\r\n"), Ok(None)));
         assert!(parse(b"HTTP/1.1 200 OK\nx\0: y\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn interim_heads_are_skipped_by_offset_within_the_head_budget() {
+        const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let flood = |n: usize, rest: &[u8]| {
+            let mut bytes = CONTINUE.repeat(n);
+            bytes.extend_from_slice(rest);
+            Bytes::from(bytes)
+        };
+        // 2000 interim heads and a final one, in one buffer: one pass over it.
+        let bytes = flood(2000, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        let mut interim = 0;
+        match scan_heads(&bytes, &mut interim) {
+            Ok(HeadScan::Final(end, head)) => {
+                assert_eq!(head.status, StatusCode::OK);
+                assert_eq!(&bytes[end..], b"ok", "only the body's start is left to keep");
+            }
+            _ => panic!("the final head was not found"),
+        }
+        assert_eq!(interim, 2000 * CONTINUE.len());
+
+        // Interim heads then part of the next: what is kept (and copied back) is that part
+        // alone, whatever number of interim heads came before it.
+        for n in [1, 10, 1000] {
+            let bytes = flood(n, b"HTTP/1.1 200 O");
+            let mut interim = 0;
+            match scan_heads(&bytes, &mut interim) {
+                Ok(HeadScan::Partial(at)) => assert_eq!(&bytes[at..], b"HTTP/1.1 200 O"),
+                _ => panic!("{n} interim heads and an incomplete one"),
+            }
+        }
+
+        // The budget holds across reads, and a flood past it is refused.
+        let mut interim = 0;
+        let part = flood(1400, b"");
+        assert!(matches!(scan_heads(&part, &mut interim), Ok(HeadScan::Partial(_))));
+        assert!(
+            scan_heads(&part, &mut interim).is_err(),
+            "2 × 1400 interim heads (70 000 bytes)"
+        );
+        assert!(scan_heads(&flood(3000, b""), &mut 0).is_err());
+        // The final head counts too.
+        let big = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(40_000));
+        assert!(scan_heads(&flood(500, big.as_bytes()), &mut 0).is_ok());
+        assert!(scan_heads(&flood(1100, big.as_bytes()), &mut 0).is_err());
     }
 
     #[test]
