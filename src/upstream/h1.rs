@@ -11,8 +11,9 @@
 //! What it does, and what it refuses:
 //! - The request goes out as one write: head and (small) body together. A streamed body is
 //!   written as it arrives (`Content-Length` when its size is known, else chunked), while the
-//!   response is watched: an upstream that answers before the upload ends (a 413, a 401) is
-//!   heard, and the upload stops there.
+//!   response is watched: an upstream that answers before the upload ends is heard at once,
+//!   and the upload goes on while its response body is read (full duplex), until it ends, the
+//!   upstream stops taking it, or the response ends (`ResponseBody::poll_upload` has the rule).
 //! - Interim (1xx) responses are skipped; `101` is refused, since nothing here asks to upgrade.
 //!   A response's heads, interim ones included, share one 64 KiB bound.
 //! - The response body is delimited by RFC 9112 §6.3: none for HEAD, 1xx, 204 and 304; chunked
@@ -25,8 +26,9 @@
 //!   extensions (skipped, 16 KiB per body) up to CRLF; a bare LF or CR, or anything else, is
 //!   refused. A malformed first size line that came with the head is a 502; one found later
 //!   fails the body.
-//! - A connection goes back to the pool only after a complete exchange that both sides meant
-//!   to keep alive. A body dropped half-read closes its connection.
+//! - A connection goes back to the pool only after a complete exchange (the whole request sent,
+//!   the whole response read, nothing after it) that both sides meant to keep alive. A body
+//!   dropped half-read closes its connection.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -140,34 +142,36 @@ pub async fn exchange(
         suffix: &[],
         body,
         chunked,
-        streamed: !body_done,
         body_done,
         finished: false,
         written: 0,
     };
     let head_only = parts.method == Method::HEAD;
     let mut progress = HeadProgress::default();
+    // Set when the upstream stopped taking the request (it closed or reset the connection).
+    let mut write_failed: Option<io::Error> = None;
     // Written and read in one poll: the request (and a streamed body as it comes), and the
-    // response head, which may arrive before a long upload ends.
+    // response head, which may come before the upload ends; the rest of the upload then goes
+    // on under the response body.
     let outcome = poll_fn(|cx| {
-        if upload.finished || (upload.streamed && upload.written > 0) {
-            if let Poll::Ready(head) = poll_response_head(&mut conn.0, &mut progress, cx) {
-                return Poll::Ready(head);
-            }
-        }
-        if !upload.finished {
+        if !upload.finished && write_failed.is_none() {
             match upload.poll_send(&mut conn.0.io, cx) {
-                Poll::Ready(Ok(())) => {
-                    // The whole request is out: now wait for the answer.
-                    if let Poll::Ready(head) = poll_response_head(&mut conn.0, &mut progress, cx) {
-                        return Poll::Ready(head);
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Err(UploadError::Write(e))) if upload.written == 0 => return Poll::Ready(Err(e)),
+                // An upstream may answer and close without reading the whole request (RFC 9112
+                // §9.5): what it answered is still read.
+                Poll::Ready(Err(UploadError::Write(e))) => write_failed = Some(e),
+                Poll::Ready(Err(UploadError::Body(e))) => return Poll::Ready(Err(e)),
             }
         }
-        Poll::Pending
+        if upload.written == 0 {
+            return Poll::Pending;
+        }
+        match ready!(poll_response_head(&mut conn.0, &mut progress, cx)) {
+            // It closed without answering: the failed write says why.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Err(write_failed.take().unwrap_or(e))),
+            head => Poll::Ready(head),
+        }
     })
     .await;
     let head = match outcome {
@@ -178,8 +182,8 @@ pub async fn exchange(
         }
         Err(e) => return Err(ExchangeError::Failed(e)),
     };
-    let upload_complete = upload.finished;
-    drop(upload);
+    let stopped = write_failed.is_some();
+    let upload = (!upload.finished && !stopped).then(|| Box::new(upload));
     let ResponseHead {
         status,
         version,
@@ -197,13 +201,15 @@ pub async fn exchange(
             Ok(LineStep::Data | LineStep::NeedMore) => {}
         }
     }
-    // A body delimited by the close leaves nothing to reuse.
-    let reusable = keep_alive && upload_complete && !matches!(framing, Decoder::UntilClose);
+    // A body delimited by the close leaves nothing to reuse; neither does a request the
+    // upstream stopped taking. Whether an upload still going ends is known when the body ends.
+    let reusable = keep_alive && !stopped && !matches!(framing, Decoder::UntilClose);
     let mut body = ResponseBody {
         conn: Some(conn),
         decoder: framing,
         reusable,
         pool: pool.clone(),
+        upload,
     };
     if matches!(body.decoder, Decoder::Done | Decoder::Length(0)) {
         body.decoder = Decoder::Done;
@@ -258,8 +264,6 @@ struct Upload {
     suffix: &'static [u8],
     body: SendBody,
     chunked: bool,
-    /// The body arrives from the client while the request is sent (it was not in memory).
-    streamed: bool,
     /// The body has no more frames.
     body_done: bool,
     /// Everything is written and flushed.
@@ -268,8 +272,25 @@ struct Upload {
     written: u64,
 }
 
+/// Why an upload stopped before its end.
+enum UploadError {
+    /// Writing to the upstream failed: it closed or reset the connection.
+    Write(io::Error),
+    /// The client's body failed (it went away, or passed a limit): the request can never be
+    /// complete.
+    Body(io::Error),
+}
+
+impl From<io::Error> for UploadError {
+    fn from(e: io::Error) -> UploadError {
+        UploadError::Write(e)
+    }
+}
+
 impl Upload {
-    fn poll_send(&mut self, io: &mut UpstreamIo, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Write what there is to write, taking the client's body frames as they come, until all is
+    /// written and flushed (`Ready(Ok)`), or the connection or the client has to be waited on.
+    fn poll_send(&mut self, io: &mut UpstreamIo, cx: &mut Context<'_>) -> Poll<Result<(), UploadError>> {
         loop {
             if !self.head.is_empty() || !self.data.is_empty() || !self.suffix.is_empty() {
                 let slices = [
@@ -279,7 +300,7 @@ impl Upload {
                 ];
                 let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(UploadError::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.written += n as u64;
                 let mut left = n;
@@ -301,7 +322,7 @@ impl Upload {
                 Poll::Pending => {
                     // Send what is written before waiting on the client for more.
                     if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(UploadError::Write(e)));
                     }
                     return Poll::Pending;
                 }
@@ -314,7 +335,7 @@ impl Upload {
                         self.head = Bytes::from_static(b"0\r\n\r\n");
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                Some(Err(e)) => return Poll::Ready(Err(UploadError::Body(io::Error::other(e)))),
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
                     if data.is_empty() {
@@ -577,16 +598,23 @@ enum ChunkState {
 pub struct ResponseBody {
     conn: Option<H1Conn>,
     decoder: Decoder,
-    /// The connection may carry another request once this body ends.
+    /// The connection may carry another request once this body ends (if the request is all
+    /// sent by then).
     reusable: bool,
     pool: Arc<PoolInner>,
+    /// The rest of the request, when the response head came before all of it was sent: it goes
+    /// on being sent as the response body is read.
+    upload: Option<Box<Upload>>,
 }
 
 impl ResponseBody {
-    /// The body ended: the connection goes back to the pool, or is closed.
+    /// The body ended: the connection goes back to the pool, or is closed. It goes back only
+    /// when both sides meant to keep it, the request was all sent, and nothing came after the
+    /// response. An upload still going is given up here (see `poll_upload`).
     fn release(&mut self) {
+        let upload_done = self.upload.take().is_none();
         if let Some(conn) = self.conn.take() {
-            if self.reusable {
+            if self.reusable && upload_done && conn.0.buf.is_empty() {
                 self.pool.put_back_http1(conn);
             }
         }
@@ -595,7 +623,44 @@ impl ResponseBody {
     fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.decoder = Decoder::Done;
         self.conn = None;
+        self.upload = None;
         Poll::Ready(Some(Err(e)))
+    }
+
+    /// Move the rest of the request along, as far as the client's body and the connection let
+    /// it without waiting: each poll of the response body does this first, so both directions
+    /// progress in this one task (a full-duplex upstream answers while it still reads).
+    ///
+    /// What ends it early is the rule hyper's client follows (`proto/h1/dispatch.rs`,
+    /// `conn.rs`): the response head goes to the caller as soon as it is in, whatever its
+    /// status, and the request body goes on being written after it; writing stops only when
+    /// the body ends, when a write fails (the upstream closed or reset: it will not read more,
+    /// RFC 9112 §9.5), or when the client's body fails. So a 413 or 401 answered early is not
+    /// itself a reason to stop: an upstream that closes is heard through its failed writes; one
+    /// that stops reading backs the upload up while its answer is still read in full. A failed
+    /// write ends the upload, not the response: what the upstream answered before closing is
+    /// read to its end. A failed client body fails the response (hyper fails it too), since the
+    /// upstream can never get a complete request.
+    ///
+    /// One difference, for want of a task of its own: hyper's connection task keeps writing the
+    /// rest of an upload after the response has ended, until the upload ends or the upstream
+    /// closes. Here nothing runs after the response body ends: an upload still going then is
+    /// given up and the connection closed (the upstream has already answered in full).
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
+            return Ok(());
+        };
+        match upload.poll_send(&mut conn.0.io, cx) {
+            Poll::Pending => return Ok(()),
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(UploadError::Write(e))) => {
+                tracing::debug!(error = %e, "the upstream stopped taking the request body; reading its answer");
+                self.reusable = false;
+            }
+            Poll::Ready(Err(UploadError::Body(e))) => return Err(e),
+        }
+        self.upload = None;
+        Ok(())
     }
 }
 
@@ -605,6 +670,11 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if this.upload.is_some() {
+            if let Err(e) = this.poll_upload(cx) {
+                return this.fail(e);
+            }
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
