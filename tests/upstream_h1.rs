@@ -1028,6 +1028,51 @@ async fn a_flood_of_interim_heads_is_skipped_within_the_head_budget_and_refused_
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_lengths_head_answers_and_bodiless_statuses_are_delimited_and_reused_only_when_clean() {
+    let upstream = Scripted::start(Arc::new(|line: &str| match line.split(' ').nth(1).unwrap_or("") {
+        "/equal-lengths" => {
+            Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello".to_vec())
+        }
+        "/head" => Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec()),
+        "/chunked-and-length" => Reply::Keep(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        "/no-content-tail" => Reply::Keep(b"HTTP/1.1 204 No Content\r\n\r\nhello".to_vec()),
+        "/not-modified-tail" => Reply::Keep(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\nhello".to_vec()),
+        _ => Reply::Keep(ok("fine")),
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let connections = || *upstream.accepted.borrow();
+
+    let (status, _, body) = send(&proxy, "GET", "/equal-lengths").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello".as_ref()));
+    let (status, headers, body) = send(&proxy, "HEAD", "/head").await;
+    assert_eq!((status, body.unwrap().len()), (200, 0));
+    assert_eq!(headers["content-length"], "5");
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(connections(), 1, "all of these leave the connection clean");
+
+    // Chunked wins over a length, and the connection is not trusted after it.
+    let (status, _, body) = send(&proxy, "GET", "/chunked-and-length").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello".as_ref()));
+    upstream.wait_closed(1).await;
+    // 204 and 304 end at their heads; what follows is not a body, and not a next response.
+    for (n, path) in ["/no-content-tail", "/not-modified-tail"].iter().enumerate() {
+        let (status, _, body) = send(&proxy, "GET", path).await;
+        assert!(status == 204 || status == 304, "{path}: {status}");
+        assert_eq!(body.unwrap().len(), 0, "{path}");
+        upstream.wait_closed(n + 2).await;
+    }
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(connections(), 4);
+    proxy.stop().await;
+}
+
 /// An interim head, then a chunked body with an extension and a trailer.
 const LAYERED: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=\"q\"\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
 

@@ -16,11 +16,14 @@
 //!   upstream stops taking it, or the response ends (`ResponseBody::poll_upload` has the rule).
 //! - Interim (1xx) responses are skipped; `101` is refused, since nothing here asks to upgrade.
 //!   A response's heads, interim ones included, share one 64 KiB bound.
-//! - The response body is delimited by RFC 9112 §6.3: none for HEAD, 1xx, 204 and 304; chunked
-//!   when `Transfer-Encoding` ends in chunked; else a close-delimited body for any other
-//!   `Transfer-Encoding`; else `Content-Length` (repeated only with one value); else the close.
-//!   A head that is not valid HTTP/1.1, or with conflicting lengths, is an error (502): a proxy
-//!   that guessed would let an upstream desynchronise the connection.
+//! - The response body is delimited by RFC 9112 §6.3, in its order, as hyper delimits it: none
+//!   for HEAD, 1xx, 204 and 304 (whatever the head says; bytes after such a head are not a body,
+//!   and the connection is not reused); chunked when `Transfer-Encoding` ends in chunked (a
+//!   `Content-Length` beside it is not read, and the connection is not reused); else a
+//!   close-delimited body for any other `Transfer-Encoding`; else `Content-Length` (repeated
+//!   lines and comma-separated lists only of one value); else the close. A head that is not
+//!   valid HTTP/1.1, with conflicting lengths, or with `Transfer-Encoding` in HTTP/1.0, is an
+//!   error (502): a proxy that guessed would let an upstream desynchronise the connection.
 //! - The chunked coding is read byte for byte as hyper reads it (RFC 9112 §7.1): a size is hex
 //!   digits only (leading zeros allowed, 64 bits at most), then optional spaces or tabs, then
 //!   extensions (skipped, 16 KiB per body) up to CRLF; a bare LF or CR, or anything else, is
@@ -146,8 +149,11 @@ pub async fn exchange(
         finished: false,
         written: 0,
     };
-    let head_only = parts.method == Method::HEAD;
-    let mut progress = HeadProgress::default();
+    let mut progress = HeadProgress {
+        head_request: parts.method == Method::HEAD,
+        interim: 0,
+        looked: 0,
+    };
     // Set when the upstream stopped taking the request (it closed or reset the connection).
     let mut write_failed: Option<io::Error> = None;
     // Written and read in one poll: the request (and a streamed body as it comes), and the
@@ -191,7 +197,7 @@ pub async fn exchange(
         framing,
         keep_alive,
     } = head;
-    let mut framing = if head_only { Decoder::Done } else { framing };
+    let mut framing = framing;
     if let Decoder::Chunked(chunked) = &mut framing {
         // The first size line, when it came with the head, is read now: a malformed one is
         // then refused as a bad head is (502), before anything reaches the client.
@@ -367,8 +373,9 @@ fn bad_response(what: &str) -> io::Error {
 }
 
 /// How far the reading of a response head has come, across reads.
-#[derive(Default)]
 struct HeadProgress {
+    /// The request was HEAD: the response has no body.
+    head_request: bool,
     /// Bytes of interim heads skipped so far.
     interim: usize,
     /// Length of the buffer when it last held only part of a head (0: nothing looked at yet).
@@ -397,7 +404,7 @@ fn poll_response_head(
         let line_ended = progress.looked == 0 || memchr::memchr(b'\n', &conn.buf[progress.looked..]).is_some();
         if !conn.buf.is_empty() && line_ended {
             let bytes = conn.buf.split().freeze();
-            match scan_heads(&bytes, &mut progress.interim) {
+            match scan_heads(&bytes, &mut progress.interim, progress.head_request) {
                 Ok(HeadScan::Final(end, head)) => {
                     conn.buf.extend_from_slice(&bytes[end..]);
                     return Poll::Ready(Ok(head));
@@ -431,10 +438,10 @@ enum HeadScan {
 
 /// Skip the complete interim heads at the start of `bytes` (adding their length to `interim`)
 /// and parse the final head if it is complete.
-fn scan_heads(bytes: &Bytes, interim: &mut usize) -> io::Result<HeadScan> {
+fn scan_heads(bytes: &Bytes, interim: &mut usize, head_request: bool) -> io::Result<HeadScan> {
     let mut at = 0;
     while at < bytes.len() {
-        let Some((len, head)) = parse_response_head(bytes, at)? else {
+        let Some((len, head)) = parse_response_head(bytes, at, head_request)? else {
             break;
         };
         if *interim + len >= MAX_HEAD {
@@ -452,8 +459,13 @@ fn scan_heads(bytes: &Bytes, interim: &mut usize) -> io::Result<HeadScan> {
 }
 
 /// A complete head at `bytes[at..]`: its length, and the head when it is final (`None` for a
-/// 1xx other than 101, which is skipped). `Ok(None)` until the head is complete.
-fn parse_response_head(bytes: &Bytes, at: usize) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
+/// 1xx other than 101, which is skipped). `Ok(None)` until the head is complete. A response to
+/// a HEAD request has no body, whatever its head says.
+fn parse_response_head(
+    bytes: &Bytes,
+    at: usize,
+    head_request: bool,
+) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(&bytes[at..]) {
@@ -471,11 +483,11 @@ fn parse_response_head(bytes: &Bytes, at: usize) -> io::Result<Option<(usize, Op
         }
         return Ok(Some((len, None)));
     }
-    Ok(Some((len, Some(build_head(&response, bytes)?))))
+    Ok(Some((len, Some(build_head(&response, bytes, head_request)?))))
 }
 
 /// Status, headers (values are slices of `bytes`) and framing of a final head.
-fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Result<ResponseHead> {
+fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes, head_request: bool) -> io::Result<ResponseHead> {
     let version = match response.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
@@ -486,7 +498,11 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Resul
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| bad_response("an invalid status code"))?;
     let mut headers = HeaderMap::with_capacity(response.headers.len());
+    // `Content-Length` as hyper reads it: every line a comma-separated list, every element the
+    // same number. Only looked at when the length is the body's (see `framing` below).
+    let mut has_length = false;
     let mut content_length: Option<u64> = None;
+    let mut length_error: Option<&str> = None;
     let mut transfer_encoding = false;
     let mut chunked_last = false;
     // HTTP/1.1 stays open unless told otherwise; HTTP/1.0 closes unless told otherwise.
@@ -494,11 +510,14 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Resul
     for h in response.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad_response("an invalid header name"))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_digits(h.value).ok_or_else(|| bad_response("an invalid Content-Length"))?;
-            if content_length.is_some_and(|seen| seen != n) {
-                return Err(bad_response("two different Content-Length values"));
+            has_length = true;
+            for element in list_tokens(h.value) {
+                match parse_digits(element) {
+                    Some(n) if content_length.is_none_or(|seen| seen == n) => content_length = Some(n),
+                    Some(_) => length_error = Some("two different Content-Length values"),
+                    None => length_error = Some("an invalid Content-Length"),
+                }
             }
-            content_length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the last coding counts: chunked must be the final one to delimit the body.
@@ -518,21 +537,29 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes) -> io::Resul
             .map_err(|_| bad_response("an invalid header value"))?;
         headers.append(name, value);
     }
-    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        // Never a body, whatever the headers say (RFC 9112 §6.3).
+    // RFC 9112 §6.3, in its order (hyper's `Client::decoder` too).
+    let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // Never a body, whatever the headers say; what follows the head is not read as one.
         Decoder::Done
     } else if transfer_encoding {
+        if version == Version::HTTP_10 {
+            // Transfer codings are HTTP/1.1's: an HTTP/1.0 message that names one has faulty
+            // framing (RFC 9112 §6.1), and hyper refuses it.
+            return Err(bad_response("Transfer-Encoding in an HTTP/1.0 response"));
+        }
         // A message with both is a smuggling attempt or a broken server: the length is the
-        // chunked coding's (RFC 9112 §6.3), and the connection is not reused after it.
-        if content_length.is_some() {
+        // chunked coding's (the length is not even read), and the connection is not reused.
+        if has_length {
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        if chunked_last && version == Version::HTTP_11 {
+        if chunked_last {
             Decoder::Chunked(Chunked::new())
         } else {
             Decoder::UntilClose
         }
+    } else if let Some(what) = length_error {
+        return Err(bad_response(what));
     } else if let Some(n) = content_length {
         Decoder::Length(n)
     } else {
@@ -1201,7 +1228,7 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string()), 0) {
+        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string()), 0, false) {
             Ok(Some((_, Some(head)))) => Ok(head),
             Ok(_) => panic!("not a complete final head: {s:?}"),
             Err(e) => Err(e),
@@ -1234,9 +1261,78 @@ mod tests {
         assert!(h.keep_alive);
     }
 
+    /// What this module makes of `response`, all of what an upstream sends before it closes:
+    /// the status and body, or `Err` when it refuses the head or the body.
+    fn ours_reads(method: Method, response: &[u8]) -> Result<(u16, Vec<u8>), ()> {
+        let bytes = Bytes::copy_from_slice(response);
+        let Ok(HeadScan::Final(end, head)) = scan_heads(&bytes, &mut 0, method == Method::HEAD) else {
+            return Err(());
+        };
+        let mut rest = BytesMut::from(&bytes[end..]);
+        let body = match head.framing {
+            Decoder::Done => Vec::new(),
+            Decoder::Length(n) => rest.get(..n as usize).ok_or(())?.to_vec(),
+            Decoder::UntilClose => rest.to_vec(),
+            Decoder::Chunked(mut chunked) => {
+                let mut body = Vec::new();
+                loop {
+                    match decode_chunked(&mut chunked, &mut rest).map_err(|_| ())? {
+                        ChunkStep::Data(data) => body.extend_from_slice(&data),
+                        ChunkStep::End => break body,
+                        ChunkStep::NeedMore => return Err(()),
+                    }
+                }
+            }
+        };
+        Ok((head.status.as_u16(), body))
+    }
+
+    /// Responses whose framing is decided by their head: (name, method, whole response, body
+    /// expected, `None` if refused). hyper agrees on each; where this module differs on purpose
+    /// (an unasked `101` is refused rather than handed over as an upgrade) it is not here.
+    const FRAMING_CASES: &[(&str, Method, &[u8], Option<&str>)] = &[
+        ("a length", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloXX", Some("hello")),
+        ("two equal lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello", Some("hello")),
+        ("a list of equal lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello", Some("hello")),
+        ("a list and a line, equal", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5,5\r\ncontent-length: 5\r\n\r\nhello", Some("hello")),
+        ("two different lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!", None),
+        ("a list of different lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello!", None),
+        ("a list with an empty element", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5,\r\n\r\nhello", None),
+        ("a signed length", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello", None),
+        ("a length past 64 bits", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551616\r\n\r\nhello", None),
+        ("chunked and a length", Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n", Some("hello")),
+        ("chunked and an invalid length", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", Some("hello")),
+        ("chunked last of two codings", Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", Some("hello")),
+        ("chunked not last", Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n5\r\nhello", Some("5\r\nhello")),
+        ("chunked in an earlier line", Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\nhello", Some("hello")),
+        ("another coding alone", Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 2\r\n\r\nhello", Some("hello")),
+        ("a coding in HTTP/1.0", Method::GET, b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", None),
+        ("a length in HTTP/1.0", Method::GET, b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhelloXX", Some("hello")),
+        ("no length", Method::GET, b"HTTP/1.1 200 OK\r\n\r\nall of it", Some("all of it")),
+        ("HEAD with a length", Method::HEAD, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Some("")),
+        ("HEAD with an invalid length", Method::HEAD, b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", Some("")),
+        ("HEAD with chunked", Method::HEAD, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", Some("")),
+        ("204 with a tail", Method::GET, b"HTTP/1.1 204 No Content\r\n\r\nhello", Some("")),
+        ("204 with a length and a tail", Method::GET, b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello", Some("")),
+        ("304 with a length and a tail", Method::GET, b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\nhello", Some("")),
+        ("304 with an invalid length", Method::GET, b"HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n", Some("")),
+        ("interim heads first", Method::GET, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", Some("ok")),
+    ];
+
+    #[tokio::test]
+    async fn response_framing_is_what_hyper_does() {
+        for (name, method, response, expected) in FRAMING_CASES {
+            let ours = ours_reads(method.clone(), response).map(|(_, body)| body);
+            let hyper = hyper_reads(method.clone(), response).await.map(|(_, body)| body);
+            let expected = expected.map(|body| body.as_bytes().to_vec()).ok_or(());
+            assert_eq!(ours, expected, "{name}: ours");
+            assert_eq!(hyper, expected, "{name}: hyper");
+        }
+    }
+
     #[test]
     fn interim_heads_are_skipped_and_101_is_refused() {
-        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s), 0);
+        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s), 0, false);
         assert!(matches!(
             parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
             Ok(Some((25, None)))
@@ -1257,7 +1353,7 @@ mod tests {
         // 2000 interim heads and a final one, in one buffer: one pass over it.
         let bytes = flood(2000, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
         let mut interim = 0;
-        match scan_heads(&bytes, &mut interim) {
+        match scan_heads(&bytes, &mut interim, false) {
             Ok(HeadScan::Final(end, head)) => {
                 assert_eq!(head.status, StatusCode::OK);
                 assert_eq!(&bytes[end..], b"ok", "only the body's start is left to keep");
@@ -1271,7 +1367,7 @@ mod tests {
         for n in [1, 10, 1000] {
             let bytes = flood(n, b"HTTP/1.1 200 O");
             let mut interim = 0;
-            match scan_heads(&bytes, &mut interim) {
+            match scan_heads(&bytes, &mut interim, false) {
                 Ok(HeadScan::Partial(at)) => assert_eq!(&bytes[at..], b"HTTP/1.1 200 O"),
                 _ => panic!("{n} interim heads and an incomplete one"),
             }
@@ -1280,16 +1376,19 @@ mod tests {
         // The budget holds across reads, and a flood past it is refused.
         let mut interim = 0;
         let part = flood(1400, b"");
-        assert!(matches!(scan_heads(&part, &mut interim), Ok(HeadScan::Partial(_))));
+        assert!(matches!(
+            scan_heads(&part, &mut interim, false),
+            Ok(HeadScan::Partial(_))
+        ));
         assert!(
-            scan_heads(&part, &mut interim).is_err(),
+            scan_heads(&part, &mut interim, false).is_err(),
             "2 × 1400 interim heads (70 000 bytes)"
         );
-        assert!(scan_heads(&flood(3000, b""), &mut 0).is_err());
+        assert!(scan_heads(&flood(3000, b""), &mut 0, false).is_err());
         // The final head counts too.
         let big = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(40_000));
-        assert!(scan_heads(&flood(500, big.as_bytes()), &mut 0).is_ok());
-        assert!(scan_heads(&flood(1100, big.as_bytes()), &mut 0).is_err());
+        assert!(scan_heads(&flood(500, big.as_bytes()), &mut 0, false).is_ok());
+        assert!(scan_heads(&flood(1100, big.as_bytes()), &mut 0, false).is_err());
     }
 
     #[test]
