@@ -799,6 +799,72 @@ async fn a_full_duplex_exchange_moves_in_lock_step_with_a_slow_trickle() {
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_duplex_never_gives_the_upstream_a_complete_upload() {
+    let upstream = Scripted::start(Arc::new(|_: &str| Reply::Echo)).await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (read, mut write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    write
+        .write_all(b"POST /duplex HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&chunk_of(b"first")).await.unwrap();
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(answer.data().await, Ok(Some(b"first".to_vec())));
+    // Half a chunk, then the client is gone.
+    write.write_all(b"10\r\nhalf a ch").await.unwrap();
+    drop(write);
+    drop(answer);
+    upstream.wait_closed(1).await;
+    assert!(
+        upstream.seen().is_empty(),
+        "the upstream saw the upload end: {:?}",
+        upstream.seen()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_duplex_answer_that_turns_malformed_is_cut_and_its_upload_dropped() {
+    // The upstream answers 200 at once, then sends a chunk-size line hyper refuses while the
+    // upload is still coming.
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::EarlyThenRead(
+                chunked(b"5\r\nhello\r\n"),
+                50_000,
+                b"5\n;x\r\nworld\r\n0\r\n\r\n".to_vec(),
+            )
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (read, mut write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    write
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&chunk_of(b"first")).await.unwrap();
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(answer.data().await, Ok(Some(b"hello".to_vec())));
+    // Only now the rest of the upload, which makes the upstream send the malformed line.
+    let writer = tokio::spawn(async move {
+        let part = chunk_of(&[b'x'; 16_000]);
+        while write.write_all(&part).await.is_ok() {}
+    });
+    assert_eq!(answer.data().await, Err(()), "the answer is cut, not ended");
+    writer.abort();
+    upstream.wait_closed(1).await;
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 2);
+    proxy.stop().await;
+}
+
 /// A streamed upload that keeps coming until the task is aborted.
 fn endless_upload(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {

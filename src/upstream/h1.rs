@@ -57,7 +57,7 @@ const MAX_HEADERS: usize = 100;
 /// Bounds on what a chunked body may carry besides data, as hyper sets them: chunk extensions
 /// (all of a body's together; they are skipped), the trailer section's bytes and its lines
 /// (trailers are dropped: an HTTP/1.1 client did not ask for them).
-const MAX_CHUNK_EXTENSIONS: u64 = 16 * 1024;
+const MAX_CHUNK_EXTENSIONS: u16 = 16 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 const MAX_TRAILER_LINES: usize = 100;
 /// What a read asks room for: a TLS record's worth.
@@ -147,12 +147,12 @@ pub async fn exchange(
         chunked,
         body_done,
         finished: false,
+        client_failed: false,
         written: 0,
     };
     let mut progress = HeadProgress {
         head_request: parts.method == Method::HEAD,
-        interim: 0,
-        looked: 0,
+        ..HeadProgress::default()
     };
     // Set when the upstream stopped taking the request (it closed or reset the connection).
     let mut write_failed: Option<io::Error> = None;
@@ -163,21 +163,25 @@ pub async fn exchange(
         if !upload.finished && write_failed.is_none() {
             match upload.poll_send(&mut conn.0.io, cx) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
-                Poll::Ready(Err(UploadError::Write(e))) if upload.written == 0 => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) if upload.client_failed || upload.written == 0 => return Poll::Ready(Err(e)),
                 // An upstream may answer and close without reading the whole request (RFC 9112
                 // §9.5): what it answered is still read.
-                Poll::Ready(Err(UploadError::Write(e))) => write_failed = Some(e),
-                Poll::Ready(Err(UploadError::Body(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => write_failed = Some(e),
             }
         }
         if upload.written == 0 {
             return Poll::Pending;
         }
-        match ready!(poll_response_head(&mut conn.0, &mut progress, cx)) {
-            // It closed without answering: the failed write says why.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Err(write_failed.take().unwrap_or(e))),
-            head => Poll::Ready(head),
+        let polled = poll_response_head(&mut conn.0, &mut progress, cx);
+        if let Poll::Ready(Err(e)) = &polled {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                if let Some(cause) = write_failed.take() {
+                    // It closed without answering: the failed write says why.
+                    return Poll::Ready(Err(cause));
+                }
+            }
         }
+        polled
     })
     .await;
     let head = match outcome {
@@ -189,7 +193,11 @@ pub async fn exchange(
         Err(e) => return Err(ExchangeError::Failed(e)),
     };
     let stopped = write_failed.is_some();
-    let upload = (!upload.finished && !stopped).then(|| Box::new(upload));
+    let upload = if upload.finished || stopped {
+        None
+    } else {
+        Some(Box::new(upload))
+    };
     let ResponseHead {
         status,
         version,
@@ -274,29 +282,19 @@ struct Upload {
     body_done: bool,
     /// Everything is written and flushed.
     finished: bool,
-    /// Bytes accepted by the connection so far.
-    written: u64,
-}
-
-/// Why an upload stopped before its end.
-enum UploadError {
-    /// Writing to the upstream failed: it closed or reset the connection.
-    Write(io::Error),
     /// The client's body failed (it went away, or passed a limit): the request can never be
     /// complete.
-    Body(io::Error),
-}
-
-impl From<io::Error> for UploadError {
-    fn from(e: io::Error) -> UploadError {
-        UploadError::Write(e)
-    }
+    client_failed: bool,
+    /// Bytes accepted by the connection so far.
+    written: u64,
 }
 
 impl Upload {
     /// Write what there is to write, taking the client's body frames as they come, until all is
     /// written and flushed (`Ready(Ok)`), or the connection or the client has to be waited on.
-    fn poll_send(&mut self, io: &mut UpstreamIo, cx: &mut Context<'_>) -> Poll<Result<(), UploadError>> {
+    /// An error is the connection's (the upstream closed or reset it), unless `client_failed`
+    /// is set.
+    fn poll_send(&mut self, io: &mut UpstreamIo, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.head.is_empty() || !self.data.is_empty() || !self.suffix.is_empty() {
                 let slices = [
@@ -306,7 +304,7 @@ impl Upload {
                 ];
                 let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
                 if n == 0 {
-                    return Poll::Ready(Err(UploadError::Write(io::ErrorKind::WriteZero.into())));
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.written += n as u64;
                 let mut left = n;
@@ -328,7 +326,7 @@ impl Upload {
                 Poll::Pending => {
                     // Send what is written before waiting on the client for more.
                     if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
-                        return Poll::Ready(Err(UploadError::Write(e)));
+                        return Poll::Ready(Err(e));
                     }
                     return Poll::Pending;
                 }
@@ -341,7 +339,10 @@ impl Upload {
                         self.head = Bytes::from_static(b"0\r\n\r\n");
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Err(UploadError::Body(io::Error::other(e)))),
+                Some(Err(e)) => {
+                    self.client_failed = true;
+                    return Poll::Ready(Err(io::Error::other(e)));
+                }
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
                     if data.is_empty() {
@@ -373,6 +374,7 @@ fn bad_response(what: &str) -> io::Error {
 }
 
 /// How far the reading of a response head has come, across reads.
+#[derive(Default)]
 struct HeadProgress {
     /// The request was HEAD: the response has no body.
     head_request: bool,
@@ -392,25 +394,40 @@ struct HeadProgress {
 /// trickles a head costs a parse per line, not per read.
 ///
 /// Everything a response sends before its body (interim heads and the final head together)
-/// must stay under 64 KiB, as Go's client counts interim heads against its head limit. hyper
-/// sets no bound on interim heads (only the response timeout); this one also bounds a flood of
-/// them: at most ~3 600 of the shortest.
+/// must stay under 64 KiB, as Go's client counts interim heads against its head size limit.
+/// hyper sets no bound of its own on interim heads (only the response timeout ends a flood of
+/// them); here a flood ends after a few thousand.
 fn poll_response_head(
     conn: &mut ConnState,
     progress: &mut HeadProgress,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<ResponseHead>> {
     loop {
-        let line_ended = progress.looked == 0 || memchr::memchr(b'\n', &conn.buf[progress.looked..]).is_some();
+        let line_ended = progress.looked == 0
+            || conn
+                .buf
+                .get(progress.looked..)
+                .is_none_or(|new| memchr::memchr(b'\n', new).is_some());
         if !conn.buf.is_empty() && line_ended {
             let bytes = conn.buf.split().freeze();
-            match scan_heads(&bytes, &mut progress.interim, progress.head_request) {
-                Ok(HeadScan::Final(end, head)) => {
-                    conn.buf.extend_from_slice(&bytes[end..]);
-                    return Poll::Ready(Ok(head));
+            let mut at = 0;
+            loop {
+                match parse_response_head(&bytes, at, progress) {
+                    Ok(Some((len, Some(head)))) => {
+                        conn.buf.extend_from_slice(&bytes[at + len..]);
+                        return Poll::Ready(Ok(head));
+                    }
+                    Ok(Some((len, None))) => {
+                        at += len;
+                        if at < bytes.len() {
+                            continue;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
-                Ok(HeadScan::Partial(start)) => conn.buf.extend_from_slice(&bytes[start..]),
-                Err(e) => return Poll::Ready(Err(e)),
+                conn.buf.extend_from_slice(&bytes[at..]);
+                break;
             }
         }
         progress.looked = conn.buf.len();
@@ -428,43 +445,14 @@ fn poll_response_head(
     }
 }
 
-/// What the bytes in hand hold toward a final head.
-enum HeadScan {
-    /// The final head, and where it ends.
-    Final(usize, ResponseHead),
-    /// No final head yet: the bytes from here on are the start of the next head.
-    Partial(usize),
-}
-
-/// Skip the complete interim heads at the start of `bytes` (adding their length to `interim`)
-/// and parse the final head if it is complete.
-fn scan_heads(bytes: &Bytes, interim: &mut usize, head_request: bool) -> io::Result<HeadScan> {
-    let mut at = 0;
-    while at < bytes.len() {
-        let Some((len, head)) = parse_response_head(bytes, at, head_request)? else {
-            break;
-        };
-        if *interim + len >= MAX_HEAD {
-            return Err(bad_response("response heads of 64 KiB or more"));
-        }
-        match head {
-            Some(head) => return Ok(HeadScan::Final(at + len, head)),
-            None => {
-                *interim += len;
-                at += len;
-            }
-        }
-    }
-    Ok(HeadScan::Partial(at))
-}
-
 /// A complete head at `bytes[at..]`: its length, and the head when it is final (`None` for a
-/// 1xx other than 101, which is skipped). `Ok(None)` until the head is complete. A response to
-/// a HEAD request has no body, whatever its head says.
+/// 1xx other than 101, which is skipped, its length added to `progress.interim`). `Ok(None)`
+/// until the head is complete. A response to a HEAD request has no body, whatever its head
+/// says.
 fn parse_response_head(
     bytes: &Bytes,
     at: usize,
-    head_request: bool,
+    progress: &mut HeadProgress,
 ) -> io::Result<Option<(usize, Option<ResponseHead>)>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
@@ -474,6 +462,9 @@ fn parse_response_head(
         Err(httparse::Error::TooManyHeaders) => return Err(bad_response("a response head with more than 100 headers")),
         Err(e) => return Err(bad_response(&format!("a malformed response head ({e})"))),
     };
+    if progress.interim + len >= MAX_HEAD {
+        return Err(bad_response("response heads of 64 KiB or more"));
+    }
     let code = response.code.unwrap_or(0);
     if (100..200).contains(&code) {
         if code == 101 {
@@ -481,9 +472,27 @@ fn parse_response_head(
                 "101 Switching Protocols to a request that did not ask to upgrade",
             ));
         }
+        progress.interim += len;
         return Ok(Some((len, None)));
     }
-    Ok(Some((len, Some(build_head(&response, bytes, head_request)?))))
+    Ok(Some((len, Some(build_head(&response, bytes, progress.head_request)?))))
+}
+
+/// One `Content-Length` line into the length so far. As hyper reads it: a comma-separated list
+/// of numbers, all the same; most often one number (which httparse has already trimmed).
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    let mut add = |n: Option<u64>| match n {
+        Some(n) if length.is_none_or(|seen| seen == n) => {
+            *length = Some(n);
+            Ok(())
+        }
+        Some(_) => Err("two different Content-Length values"),
+        None => Err("an invalid Content-Length"),
+    };
+    match parse_digits(value) {
+        Some(n) => add(Some(n)),
+        None => list_tokens(value).try_for_each(|element| add(parse_digits(element))),
+    }
 }
 
 /// Status, headers (values are slices of `bytes`) and framing of a final head.
@@ -498,8 +507,7 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes, head_request
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| bad_response("an invalid status code"))?;
     let mut headers = HeaderMap::with_capacity(response.headers.len());
-    // `Content-Length` as hyper reads it: every line a comma-separated list, every element the
-    // same number. Only looked at when the length is the body's (see `framing` below).
+    // `Content-Length`, only looked at when the length is the body's (see `framing` below).
     let mut has_length = false;
     let mut content_length: Option<u64> = None;
     let mut length_error: Option<&str> = None;
@@ -511,12 +519,8 @@ fn build_head(response: &httparse::Response<'_, '_>, bytes: &Bytes, head_request
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad_response("an invalid header name"))?;
         if name == header::CONTENT_LENGTH {
             has_length = true;
-            for element in list_tokens(h.value) {
-                match parse_digits(element) {
-                    Some(n) if content_length.is_none_or(|seen| seen == n) => content_length = Some(n),
-                    Some(_) => length_error = Some("two different Content-Length values"),
-                    None => length_error = Some("an invalid Content-Length"),
-                }
+            if let Err(what) = add_length(&mut content_length, h.value) {
+                length_error = Some(what);
             }
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
@@ -585,29 +589,35 @@ enum Decoder {
     Done,
 }
 
-/// The chunked coding's reader: where it is, what the body's extensions have used of their
-/// bound, and the trailer section so far (checked as a whole once it ends, then dropped).
+/// The chunked coding's reader. It rides in every chunked response body, so it is kept to 16
+/// bytes: a trailer section is not copied out but left at the front of the buffer until it
+/// ends, to be checked as a whole.
 struct Chunked {
+    /// The size being read on a size line, then what is left of that chunk's data.
+    size: u64,
     state: ChunkState,
-    extension_bytes: u64,
-    trailers: Vec<u8>,
-    trailer_lines: usize,
+    /// Extension bytes this body has had (bounded below 16 KiB).
+    extension_bytes: u16,
+    /// Bytes of the trailer section read so far (bounded below 16 KiB): the first ones in the
+    /// buffer.
+    trailer_bytes: u16,
+    trailer_lines: u8,
 }
 
-/// hyper's states for the chunked coding, the size carried along the size line.
-#[derive(Clone, Copy)]
+/// hyper's states for the chunked coding (`proto/h1/decode.rs`, `ChunkedState`).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     /// A chunk-size line starts: a hex digit must come.
     Start,
-    Size(u64),
+    Size,
     /// Whitespace after the size.
-    SizeLws(u64),
+    SizeLws,
     /// In chunk extensions, until CR.
-    Extension(u64),
+    Extension,
     /// After the size line's CR.
-    SizeLf(u64),
-    /// Inside a chunk's data, this much left.
-    Data(u64),
+    SizeLf,
+    /// Inside a chunk's data.
+    Data,
     /// After a chunk's data: its CR, then its LF.
     DataCr,
     DataLf,
@@ -680,11 +690,11 @@ impl ResponseBody {
         match upload.poll_send(&mut conn.0.io, cx) {
             Poll::Pending => return Ok(()),
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(UploadError::Write(e))) => {
+            Poll::Ready(Err(e)) if upload.client_failed => return Err(e),
+            Poll::Ready(Err(e)) => {
                 tracing::debug!(error = %e, "the upstream stopped taking the request body; reading its answer");
                 self.reusable = false;
             }
-            Poll::Ready(Err(UploadError::Body(e))) => return Err(e),
         }
         self.upload = None;
         Ok(())
@@ -785,16 +795,15 @@ enum ChunkStep {
 /// of data are consumed on the way.
 fn decode_chunked(chunked: &mut Chunked, buf: &mut BytesMut) -> io::Result<ChunkStep> {
     loop {
-        if let ChunkState::Data(left) = chunked.state {
+        if chunked.state == ChunkState::Data {
             if buf.is_empty() {
                 return Ok(ChunkStep::NeedMore);
             }
-            let n = left.min(buf.len() as u64) as usize;
-            chunked.state = if n as u64 == left {
-                ChunkState::DataCr
-            } else {
-                ChunkState::Data(left - n as u64)
-            };
+            let n = chunked.size.min(buf.len() as u64) as usize;
+            chunked.size -= n as u64;
+            if chunked.size == 0 {
+                chunked.state = ChunkState::DataCr;
+            }
             return Ok(ChunkStep::Data(buf.split_to(n).freeze()));
         }
         match chunked.read_lines(buf)? {
@@ -815,119 +824,136 @@ enum LineStep {
 impl Chunked {
     fn new() -> Chunked {
         Chunked {
+            size: 0,
             state: ChunkState::Start,
             extension_bytes: 0,
-            trailers: Vec::new(),
+            trailer_bytes: 0,
             trailer_lines: 0,
         }
     }
 
     /// Consume the bytes between two pieces of data (a chunk's CRLF, the next size line, the
     /// trailer section), byte by byte, until data starts, the body ends or `buf` runs out. The
-    /// bytes taken are dropped from `buf` at once, so a line split across reads is never looked
-    /// at twice.
+    /// bytes read are dropped from `buf` at once (but for a trailer section not yet ended), so
+    /// none is looked at twice.
     fn read_lines(&mut self, buf: &mut BytesMut) -> io::Result<LineStep> {
-        let mut taken = 0;
+        // Where reading resumes: after the trailer section kept so far.
+        let mut at = usize::from(self.trailer_bytes);
+        // What can go: everything before a trailer section.
+        let mut done = 0;
         let step = loop {
-            if matches!(self.state, ChunkState::Data(_)) {
-                break LineStep::Data;
+            match self.state {
+                ChunkState::Data => break LineStep::Data,
+                ChunkState::End => break LineStep::End,
+                _ => {}
             }
-            if matches!(self.state, ChunkState::End) {
-                break LineStep::End;
-            }
-            let Some(&byte) = buf.get(taken) else {
+            let Some(&byte) = buf.get(at) else {
                 break LineStep::NeedMore;
             };
-            taken += 1;
-            self.state = self.next_state(byte)?;
+            self.step(byte)?;
+            at += 1;
+            if self.trailer_bytes == 0 {
+                done = at;
+            }
         };
-        buf.advance(taken);
+        if self.state == ChunkState::End && self.trailer_bytes > 0 {
+            check_trailers(&buf[done..at], self.trailer_lines)?;
+            done = at;
+        }
+        buf.advance(done);
         Ok(step)
     }
 
-    /// hyper's transitions (`proto/h1/decode.rs`, `ChunkedState::step`), one byte at a time.
-    fn next_state(&mut self, byte: u8) -> io::Result<ChunkState> {
+    /// hyper's transitions (`ChunkedState::step`), one byte at a time.
+    fn step(&mut self, byte: u8) -> io::Result<()> {
         use ChunkState::*;
-        Ok(match (self.state, byte) {
+        self.state = match (self.state, byte) {
             // `chunk-size = 1*HEXDIG`: nothing before the first digit; any number of digits
             // (leading zeros included) as long as the value fits 64 bits.
-            (Start, _) => Size(add_hex_digit(0, byte).ok_or_else(|| bad_chunk("a chunk size that is not hex"))?),
-            (Size(size), b'\t' | b' ') => SizeLws(size),
-            (Size(size), b';') => Extension(size),
-            (Size(size), b'\r') => SizeLf(size),
-            (Size(size), _) => Size(add_hex_digit(size, byte).ok_or_else(|| {
-                if byte.is_ascii_hexdigit() {
-                    bad_chunk("a chunk size past 64 bits")
-                } else {
-                    bad_chunk("a chunk size followed by something else than whitespace, `;` or CRLF")
-                }
-            })?),
+            (Start, _) => {
+                self.size = add_hex_digit(0, byte).ok_or_else(|| bad_chunk("a chunk size that is not hex"))?;
+                Size
+            }
+            (Size, b'\t' | b' ') => SizeLws,
+            (Size, b';') => Extension,
+            (Size, b'\r') => SizeLf,
+            (Size, _) => {
+                self.size = add_hex_digit(self.size, byte).ok_or_else(|| {
+                    if byte.is_ascii_hexdigit() {
+                        bad_chunk("a chunk size past 64 bits")
+                    } else {
+                        bad_chunk("a chunk size followed by something else than whitespace, `;` or CRLF")
+                    }
+                })?;
+                Size
+            }
             // Spaces and tabs may follow the size; no more digits then.
-            (SizeLws(size), b'\t' | b' ') => SizeLws(size),
-            (SizeLws(size), b';') => Extension(size),
-            (SizeLws(size), b'\r') => SizeLf(size),
-            (SizeLws(_), _) => return Err(bad_chunk("something else than `;` or CRLF after a chunk size")),
+            (SizeLws, b'\t' | b' ') => SizeLws,
+            (SizeLws, b';') => Extension,
+            (SizeLws, b'\r') => SizeLf,
+            (SizeLws, _) => return Err(bad_chunk("something else than `;` or CRLF after a chunk size")),
             // Extensions are skipped, whatever they hold (a quoted string is not looked into):
             // they end at the first CR. A bare LF in one is refused, for the sake of readers
             // that end lines there. Their bytes are bounded over the whole body.
-            (Extension(size), b'\r') => SizeLf(size),
-            (Extension(_), b'\n') => return Err(bad_chunk("a chunk extension with a bare LF")),
-            (Extension(size), _) => {
+            (Extension, b'\r') => SizeLf,
+            (Extension, b'\n') => return Err(bad_chunk("a chunk extension with a bare LF")),
+            (Extension, _) => {
                 self.extension_bytes += 1;
                 if self.extension_bytes >= MAX_CHUNK_EXTENSIONS {
                     return Err(bad_chunk("chunk extensions past 16 KiB"));
                 }
-                Extension(size)
+                Extension
             }
-            (SizeLf(0), b'\n') => EndCr,
-            (SizeLf(size), b'\n') => Data(size),
-            (SizeLf(_), _) => return Err(bad_chunk("a chunk-size line with CR but no LF")),
+            (SizeLf, b'\n') if self.size == 0 => EndCr,
+            (SizeLf, b'\n') => Data,
+            (SizeLf, _) => return Err(bad_chunk("a chunk-size line with CR but no LF")),
             (DataCr, b'\r') => DataLf,
             (DataCr, _) => return Err(bad_chunk("a chunk longer than its size")),
             (DataLf, b'\n') => Start,
             (DataLf, _) => return Err(bad_chunk("a chunk whose data ends with CR but no LF")),
             // After the last chunk: the final CRLF, or trailer lines before it. A trailer line
-            // ends at CRLF (a bare LF inside one is kept as part of it, as hyper does).
+            // ends at CRLF (a bare LF inside one is kept as part of it, as hyper does). The
+            // section is counted as hyper counts it: every byte from its first one (CRLFs and
+            // the final CRLF included).
             (EndCr, b'\r') => {
-                if !self.trailers.is_empty() {
-                    self.keep_trailer_byte(byte)?;
+                if self.trailer_bytes > 0 {
+                    self.count_trailer_byte()?;
                 }
                 EndLf
             }
             (Trailer, b'\r') => {
-                self.keep_trailer_byte(byte)?;
+                self.count_trailer_byte()?;
                 TrailerLf
             }
             (EndCr | Trailer, _) => {
-                self.keep_trailer_byte(byte)?;
+                self.count_trailer_byte()?;
                 Trailer
             }
             (TrailerLf, b'\n') => {
-                if self.trailer_lines >= MAX_TRAILER_LINES {
+                if usize::from(self.trailer_lines) >= MAX_TRAILER_LINES {
                     return Err(bad_chunk("more than 100 trailer lines"));
                 }
                 self.trailer_lines += 1;
-                self.keep_trailer_byte(byte)?;
+                self.count_trailer_byte()?;
                 EndCr
             }
             (TrailerLf, _) => return Err(bad_chunk("a trailer line with CR but no LF")),
             (EndLf, b'\n') => {
-                if !self.trailers.is_empty() {
-                    self.keep_trailer_byte(byte)?;
-                    check_trailers(&std::mem::take(&mut self.trailers), self.trailer_lines)?;
+                if self.trailer_bytes > 0 {
+                    self.count_trailer_byte()?;
                 }
                 End
             }
             (EndLf, _) => return Err(bad_chunk("a chunked body whose last line has CR but no LF")),
-            (Data(_) | End, _) => unreachable!("data and the end are not read byte by byte"),
-        })
+            (Data | End, _) => unreachable!("data and the end are not read byte by byte"),
+        };
+        Ok(())
     }
 
-    /// The trailer section is kept as hyper keeps it: every byte from its first one (CRLFs and
-    /// the final CRLF included), refused when it reaches 16 KiB.
-    fn keep_trailer_byte(&mut self, byte: u8) -> io::Result<()> {
-        self.trailers.push(byte);
-        if self.trailers.len() >= MAX_TRAILERS {
+    /// A trailer section reaching 16 KiB is refused (hyper's bound).
+    fn count_trailer_byte(&mut self) -> io::Result<()> {
+        self.trailer_bytes += 1;
+        if usize::from(self.trailer_bytes) >= MAX_TRAILERS {
             return Err(bad_chunk("trailers of 16 KiB or more"));
         }
         Ok(())
@@ -935,11 +961,11 @@ impl Chunked {
 }
 
 /// A trailer section must parse as header fields (hyper parses it the same way, to hand the
-/// trailers on; here they are only checked).
+/// trailers on; here they are only checked, then dropped).
 #[cold]
-fn check_trailers(section: &[u8], lines: usize) -> io::Result<()> {
+fn check_trailers(section: &[u8], lines: u8) -> io::Result<()> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_LINES];
-    match httparse::parse_headers(section, &mut fields[..lines.min(MAX_TRAILER_LINES)]) {
+    match httparse::parse_headers(section, &mut fields[..usize::from(lines).min(MAX_TRAILER_LINES)]) {
         Ok(httparse::Status::Complete((_, fields))) => {
             for field in fields.iter() {
                 HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| bad_chunk("an invalid trailer name"))?;
@@ -1228,7 +1254,7 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string()), 0, false) {
+        let head = |s: &str| match parse_response_head(&Bytes::from(s.to_string()), 0, &mut HeadProgress::default()) {
             Ok(Some((_, Some(head)))) => Ok(head),
             Ok(_) => panic!("not a complete final head: {s:?}"),
             Err(e) => Err(e),
@@ -1265,7 +1291,11 @@ mod tests {
     /// the status and body, or `Err` when it refuses the head or the body.
     fn ours_reads(method: Method, response: &[u8]) -> Result<(u16, Vec<u8>), ()> {
         let bytes = Bytes::copy_from_slice(response);
-        let Ok(HeadScan::Final(end, head)) = scan_heads(&bytes, &mut 0, method == Method::HEAD) else {
+        let mut progress = HeadProgress {
+            head_request: method == Method::HEAD,
+            ..HeadProgress::default()
+        };
+        let Ok(HeadScan::Final(end, head)) = scan_heads(&bytes, &mut progress) else {
             return Err(());
         };
         let mut rest = BytesMut::from(&bytes[end..]);
@@ -1292,6 +1322,8 @@ mod tests {
     /// (an unasked `101` is refused rather than handed over as an upgrade) it is not here.
     const FRAMING_CASES: &[(&str, Method, &[u8], Option<&str>)] = &[
         ("a length", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloXX", Some("hello")),
+        ("a length with whitespace around it", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: \t 5 \t\r\n\r\nhelloXX", Some("hello")),
+        ("a list with whitespace", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5 ,\t5 \r\n\r\nhello", Some("hello")),
         ("two equal lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello", Some("hello")),
         ("a list of equal lengths", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello", Some("hello")),
         ("a list and a line, equal", Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 5,5\r\ncontent-length: 5\r\n\r\nhello", Some("hello")),
@@ -1332,7 +1364,7 @@ mod tests {
 
     #[test]
     fn interim_heads_are_skipped_and_101_is_refused() {
-        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s), 0, false);
+        let parse = |s: &'static [u8]| parse_response_head(&Bytes::from_static(s), 0, &mut HeadProgress::default());
         assert!(matches!(
             parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
             Ok(Some((25, None)))
@@ -1340,6 +1372,27 @@ mod tests {
         assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
         assert!(matches!(parse(b"HTTP/1.1 200 OK\r\n"), Ok(None)));
         assert!(parse(b"HTTP/1.1 200 OK\nx\0: y\r\n\r\n").is_err());
+    }
+
+    /// What the bytes in hand hold toward a final head, read the way `poll_response_head`
+    /// reads them.
+    enum HeadScan {
+        /// The final head, and where it ends.
+        Final(usize, ResponseHead),
+        /// No final head yet: what is kept from here on.
+        Partial(usize),
+    }
+
+    fn scan_heads(bytes: &Bytes, progress: &mut HeadProgress) -> io::Result<HeadScan> {
+        let mut at = 0;
+        while at < bytes.len() {
+            match parse_response_head(bytes, at, progress)? {
+                Some((len, Some(head))) => return Ok(HeadScan::Final(at + len, head)),
+                Some((len, None)) => at += len,
+                None => break,
+            }
+        }
+        Ok(HeadScan::Partial(at))
     }
 
     #[test]
@@ -1352,43 +1405,39 @@ mod tests {
         };
         // 2000 interim heads and a final one, in one buffer: one pass over it.
         let bytes = flood(2000, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        let mut interim = 0;
-        match scan_heads(&bytes, &mut interim, false) {
+        let mut progress = HeadProgress::default();
+        match scan_heads(&bytes, &mut progress) {
             Ok(HeadScan::Final(end, head)) => {
                 assert_eq!(head.status, StatusCode::OK);
                 assert_eq!(&bytes[end..], b"ok", "only the body's start is left to keep");
             }
             _ => panic!("the final head was not found"),
         }
-        assert_eq!(interim, 2000 * CONTINUE.len());
+        assert_eq!(progress.interim, 2000 * CONTINUE.len());
 
         // Interim heads then part of the next: what is kept (and copied back) is that part
         // alone, whatever number of interim heads came before it.
         for n in [1, 10, 1000] {
             let bytes = flood(n, b"HTTP/1.1 200 O");
-            let mut interim = 0;
-            match scan_heads(&bytes, &mut interim, false) {
+            match scan_heads(&bytes, &mut HeadProgress::default()) {
                 Ok(HeadScan::Partial(at)) => assert_eq!(&bytes[at..], b"HTTP/1.1 200 O"),
                 _ => panic!("{n} interim heads and an incomplete one"),
             }
         }
 
         // The budget holds across reads, and a flood past it is refused.
-        let mut interim = 0;
+        let mut progress = HeadProgress::default();
         let part = flood(1400, b"");
-        assert!(matches!(
-            scan_heads(&part, &mut interim, false),
-            Ok(HeadScan::Partial(_))
-        ));
+        assert!(matches!(scan_heads(&part, &mut progress), Ok(HeadScan::Partial(_))));
         assert!(
-            scan_heads(&part, &mut interim, false).is_err(),
+            scan_heads(&part, &mut progress).is_err(),
             "2 × 1400 interim heads (70 000 bytes)"
         );
-        assert!(scan_heads(&flood(3000, b""), &mut 0, false).is_err());
+        assert!(scan_heads(&flood(3000, b""), &mut HeadProgress::default()).is_err());
         // The final head counts too.
         let big = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(40_000));
-        assert!(scan_heads(&flood(500, big.as_bytes()), &mut 0, false).is_ok());
-        assert!(scan_heads(&flood(1100, big.as_bytes()), &mut 0, false).is_err());
+        assert!(scan_heads(&flood(500, big.as_bytes()), &mut HeadProgress::default()).is_ok());
+        assert!(scan_heads(&flood(1100, big.as_bytes()), &mut HeadProgress::default()).is_err());
     }
 
     #[test]
