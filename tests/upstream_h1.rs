@@ -1,9 +1,10 @@
-//! The proxy's own HTTP/1.1 client (src/proxy/h1.rs) against a scripted TLS upstream that
-//! answers byte for byte: every way a response body can be delimited, interim responses,
-//! heads that must be refused, connections the upstream closes, uploads it answers early, and
-//! which connections are reused. The well-behaved paths (SSE, big bodies, limits) also run over
-//! HTTP/1.1 through the rest of the suite: `scripts/test.sh` runs those files a second time
-//! with `TEST_UPSTREAM_HTTP1=1`.
+//! The proxy's own HTTP/1.1 client (src/upstream/h1.rs) against a scripted TLS upstream that
+//! answers byte for byte: every way a response body can be delimited, chunk-size lines as hyper
+//! reads them, interim responses (and floods of them), heads that must be refused, responses
+//! split or cut at every offset, connections the upstream closes, uploads it answers early or
+//! echoes as they come (full duplex), and which connections are reused. The well-behaved paths
+//! (SSE, big bodies, limits) also run over HTTP/1.1 through the rest of the suite:
+//! `scripts/test.sh` runs those files a second time with `TEST_UPSTREAM_HTTP1=1`.
 
 mod support;
 

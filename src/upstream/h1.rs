@@ -202,10 +202,9 @@ pub async fn exchange(
         status,
         version,
         headers,
-        framing,
+        mut framing,
         keep_alive,
     } = head;
-    let mut framing = framing;
     if let Decoder::Chunked(chunked) = &mut framing {
         // The first size line, when it came with the head, is read now: a malformed one is
         // then refused as a bad head is (502), before anything reaches the client.
@@ -668,21 +667,22 @@ impl ResponseBody {
     /// it without waiting: each poll of the response body does this first, so both directions
     /// progress in this one task (a full-duplex upstream answers while it still reads).
     ///
-    /// What ends it early is the rule hyper's client follows (`proto/h1/dispatch.rs`,
-    /// `conn.rs`): the response head goes to the caller as soon as it is in, whatever its
-    /// status, and the request body goes on being written after it; writing stops only when
-    /// the body ends, when a write fails (the upstream closed or reset: it will not read more,
-    /// RFC 9112 §9.5), or when the client's body fails. So a 413 or 401 answered early is not
-    /// itself a reason to stop: an upstream that closes is heard through its failed writes; one
-    /// that stops reading backs the upload up while its answer is still read in full. A failed
-    /// write ends the upload, not the response: what the upstream answered before closing is
-    /// read to its end. A failed client body fails the response (hyper fails it too), since the
-    /// upstream can never get a complete request.
+    /// When it stops follows hyper's client (`proto/h1/dispatch.rs`, `conn.rs`): the response
+    /// head goes to the caller as soon as it is in, whatever its status, and the request body
+    /// goes on being written after it; writing stops only when the body ends, when a write
+    /// fails (the upstream closed or reset the connection: it will not read more, RFC 9112
+    /// §9.5), or when the client's body fails. So an early 413 or 401 is not in itself a reason
+    /// to stop: an upstream that closes is heard through the failed write; one that stops
+    /// reading only backs the upload up, and its answer is still read in full. A failed client
+    /// body fails the response too, as in hyper: the upstream can never get a complete request,
+    /// and only closing the connection tells it so.
     ///
-    /// One difference, for want of a task of its own: hyper's connection task keeps writing the
-    /// rest of an upload after the response has ended, until the upload ends or the upstream
-    /// closes. Here nothing runs after the response body ends: an upload still going then is
-    /// given up and the connection closed (the upstream has already answered in full).
+    /// Two differences from hyper. A failed write ends the upload but not the response: what the
+    /// upstream answered before it closed is read to its end (hyper fails a response body still
+    /// being read with a connection error). And nothing runs here once the response body has
+    /// ended: an upload still going then is given up and the connection closed, where hyper's
+    /// connection task goes on writing it until it ends or the upstream closes (the upstream
+    /// has answered in full either way).
     fn poll_upload(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
             return Ok(());
