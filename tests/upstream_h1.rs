@@ -1,9 +1,10 @@
-//! The proxy's own HTTP/1.1 client (src/proxy/h1.rs) against a scripted TLS upstream that
-//! answers byte for byte: every way a response body can be delimited, interim responses,
-//! heads that must be refused, connections the upstream closes, uploads it answers early, and
-//! which connections are reused. The well-behaved paths (SSE, big bodies, limits) also run over
-//! HTTP/1.1 through the rest of the suite: `scripts/test.sh` runs those files a second time
-//! with `TEST_UPSTREAM_HTTP1=1`.
+//! The proxy's own HTTP/1.1 client (src/upstream/h1.rs) against a scripted TLS upstream that
+//! answers byte for byte: every way a response body can be delimited, chunk-size lines as hyper
+//! reads them, interim responses (and floods of them), heads that must be refused, responses
+//! split or cut at every offset, connections the upstream closes, uploads it answers early or
+//! echoes as they come (full duplex), and which connections are reused. The well-behaved paths
+//! (SSE, big bodies, limits) also run over HTTP/1.1 through the rest of the suite:
+//! `scripts/test.sh` runs those files a second time with `TEST_UPSTREAM_HTTP1=1`.
 
 mod support;
 
@@ -34,6 +35,19 @@ enum Reply {
     Held(Vec<u8>, Vec<u8>),
     /// Answer right after the head, without reading the body, then close.
     Early(Vec<u8>),
+    /// Answer right after the head, then neither read nor close until `release`; then read
+    /// (and drop) whatever comes until the proxy closes the connection.
+    EarlyHeld(Vec<u8>),
+    /// Write the first bytes right after the head, read this many more bytes of the request
+    /// (its body goes on coming after the answer began), then write the second and close.
+    EarlyThenRead(Vec<u8>, usize, Vec<u8>),
+    /// Write these pieces one by one (each flushed, a moment apart), then keep the connection
+    /// (`false`) or close it (`true`).
+    Pieces(Vec<Vec<u8>>, bool),
+    /// Full duplex: once the first chunk of a chunked upload is in, answer `200` (chunked) at
+    /// once and echo that chunk and every later one as a chunk of the response; the end of the
+    /// upload ends the response.
+    Echo,
 }
 
 type Script = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
@@ -129,33 +143,81 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         buf.drain(..head_end);
         let request_line = head.lines().next().unwrap_or("").to_string();
         let reply = script(&request_line);
-        if let Reply::Early(bytes) = reply {
-            seen.lock().unwrap().push(Seen { head, body: Vec::new() });
-            let _ = io.write_all(&bytes).await;
-            return;
+        match reply {
+            Reply::Early(bytes) => {
+                seen.lock().unwrap().push(Seen { head, body: Vec::new() });
+                let _ = io.write_all(&bytes).await;
+                return;
+            }
+            Reply::EarlyHeld(bytes) => {
+                seen.lock().unwrap().push(Seen { head, body: Vec::new() });
+                let _ = io.write_all(&bytes).await;
+                let _ = io.flush().await;
+                release.notified().await;
+                let mut sink = [0u8; 16384];
+                while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(30), io.read(&mut sink)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                return;
+            }
+            Reply::EarlyThenRead(first, more, rest) => {
+                seen.lock().unwrap().push(Seen { head, body: Vec::new() });
+                if io.write_all(&first).await.is_err() || io.flush().await.is_err() {
+                    return;
+                }
+                while buf.len() < more {
+                    if !read_more(io, &mut buf).await {
+                        return;
+                    }
+                }
+                let _ = io.write_all(&rest).await;
+                return;
+            }
+            Reply::Echo => {
+                let mut body = Vec::new();
+                let mut answered = false;
+                loop {
+                    let Some(chunk) = read_chunk(io, &mut buf).await else {
+                        return;
+                    };
+                    let mut out = Vec::new();
+                    if !answered {
+                        out.extend_from_slice(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                        answered = true;
+                    }
+                    if chunk.is_empty() {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    } else {
+                        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                        out.extend_from_slice(&chunk);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                        return;
+                    }
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                seen.lock().unwrap().push(Seen { head, body });
+                continue;
+            }
+            _ => {}
         }
         let lower = head.to_ascii_lowercase();
         let body = if lower.contains("transfer-encoding: chunked") {
-            // The chunked coding, decoded.
             let mut body = Vec::new();
             loop {
-                let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    if !read_more(io, &mut buf).await {
-                        return;
-                    }
-                    continue;
+                let Some(chunk) = read_chunk(io, &mut buf).await else {
+                    return;
                 };
-                let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
-                while buf.len() < line_end + 2 + size + 2 {
-                    if !read_more(io, &mut buf).await {
-                        return;
-                    }
-                }
-                body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
-                buf.drain(..line_end + 2 + size + 2);
-                if size == 0 {
+                if chunk.is_empty() {
                     break body;
                 }
+                body.extend_from_slice(&chunk);
             }
         } else {
             let length = lower
@@ -188,10 +250,45 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     return;
                 }
             }
-            Reply::Early(_) => unreachable!("answered above"),
+            Reply::Pieces(pieces, close) => {
+                for piece in pieces {
+                    if io.write_all(&piece).await.is_err() || io.flush().await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if close {
+                    return;
+                }
+            }
+            Reply::Early(_) | Reply::EarlyHeld(_) | Reply::EarlyThenRead(..) | Reply::Echo => {
+                unreachable!("answered above")
+            }
         }
         let _ = io.flush().await;
     }
+}
+
+/// One chunk of a chunked upload, decoded (empty for the last chunk); `None` if the connection
+/// ended first.
+async fn read_chunk<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let line_end = loop {
+        if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+            break at;
+        }
+        if !read_more(io, buf).await {
+            return None;
+        }
+    };
+    let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).ok()?, 16).ok()?;
+    while buf.len() < line_end + 2 + size + 2 {
+        if !read_more(io, buf).await {
+            return None;
+        }
+    }
+    let data = buf[line_end + 2..line_end + 2 + size].to_vec();
+    buf.drain(..line_end + 2 + size + 2);
+    Some(data)
 }
 
 async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
@@ -512,5 +609,587 @@ async fn an_upload_the_upstream_answers_early_gets_that_answer() {
     let (status, _, body) = send(&proxy, "GET", "/fine").await;
     assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
     assert_eq!(*upstream.accepted.borrow(), 2);
+    proxy.stop().await;
+}
+
+/// The proxy's answer read from a raw client connection, as it arrives: the head, then the
+/// body's data (chunked or `Content-Length`) piece by piece.
+struct Answer {
+    read: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+    chunked: bool,
+    /// Body bytes left of a `Content-Length` body.
+    left: usize,
+}
+
+impl Answer {
+    /// Read the head; `None` if the connection ended first.
+    async fn start(read: tokio::net::tcp::OwnedReadHalf) -> (String, Answer) {
+        let mut answer = Answer {
+            read,
+            buf: Vec::new(),
+            chunked: false,
+            left: 0,
+        };
+        let end = loop {
+            if let Some(at) = answer.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            assert!(answer.more().await, "the connection ended before the answer's head");
+        };
+        let head = String::from_utf8_lossy(&answer.buf[..end]).into_owned();
+        answer.buf.drain(..end);
+        let lower = head.to_ascii_lowercase();
+        answer.chunked = lower.contains("transfer-encoding: chunked");
+        answer.left = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        (head, answer)
+    }
+
+    async fn more(&mut self) -> bool {
+        let mut chunk = [0u8; 16384];
+        match tokio::time::timeout(Duration::from_secs(10), self.read.read(&mut chunk)).await {
+            Err(_) => panic!("the proxy sent nothing for 10 s"),
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next piece of the body: `Ok(None)` at its end, `Err` if the connection ended first.
+    async fn data(&mut self) -> Result<Option<Vec<u8>>, ()> {
+        if !self.chunked {
+            if self.left == 0 {
+                return Ok(None);
+            }
+            while self.buf.is_empty() {
+                if !self.more().await {
+                    return Err(());
+                }
+            }
+            let n = self.left.min(self.buf.len());
+            self.left -= n;
+            return Ok(Some(self.buf.drain(..n).collect()));
+        }
+        let line_end = loop {
+            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                break at;
+            }
+            if !self.more().await {
+                return Err(());
+            }
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap(), 16).unwrap();
+        while self.buf.len() < line_end + 2 + size + 2 {
+            if !self.more().await {
+                return Err(());
+            }
+        }
+        let data = self.buf[line_end + 2..line_end + 2 + size].to_vec();
+        self.buf.drain(..line_end + 2 + size + 2);
+        Ok((size > 0).then_some(data))
+    }
+
+    /// The rest of the body.
+    async fn rest(&mut self) -> Result<Vec<u8>, ()> {
+        let mut all = Vec::new();
+        while let Some(data) = self.data().await? {
+            all.extend_from_slice(&data);
+        }
+        Ok(all)
+    }
+}
+
+fn chunk_of(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_duplex_upstream_streams_its_answer_while_the_upload_is_still_coming() {
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/duplex") {
+            Reply::Echo
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let upload: Vec<u8> = support::pattern::chunk(0, 300_000).to_vec();
+
+    // 300 KB in 10 KB chunks, written while the answer is read.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let sent = upload.clone();
+    let writer = tokio::spawn(async move {
+        write
+            .write_all(b"POST /duplex HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        for part in sent.chunks(10_000) {
+            write.write_all(&chunk_of(part)).await.unwrap();
+        }
+        write.write_all(b"0\r\n\r\n").await.unwrap();
+        write
+    });
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let echoed = answer.rest().await.expect("the echo ended cleanly");
+    assert!(echoed == upload, "the echo came back changed ({} bytes)", echoed.len());
+    let _write = writer.await.unwrap();
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].body == upload,
+        "the upload arrived changed ({} bytes)",
+        seen[0].body.len()
+    );
+
+    // Both directions ended cleanly: the connection is reused.
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_duplex_exchange_moves_in_lock_step_with_a_slow_trickle() {
+    let upstream = Scripted::start(Arc::new(|_: &str| Reply::Echo)).await;
+    let proxy = proxy_for(&upstream, "").await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(b"POST /duplex HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&chunk_of(b"tick 0")).await.unwrap();
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut all = Vec::new();
+    // Each small chunk goes out only after the previous one came back: the upload is still
+    // open every time the answer moves.
+    for i in 0..20 {
+        let expected = format!("tick {i}");
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            match answer.data().await {
+                Ok(Some(data)) => got.extend_from_slice(&data),
+                other => panic!("tick {i}: the answer ended early: {other:?}"),
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&got), expected);
+        all.extend_from_slice(&got);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if i < 19 {
+            write
+                .write_all(&chunk_of(format!("tick {}", i + 1).as_bytes()))
+                .await
+                .unwrap();
+        }
+    }
+    write.write_all(b"0\r\n\r\n").await.unwrap();
+    assert_eq!(answer.data().await, Ok(None), "the end of the upload ends the answer");
+    assert_eq!(upstream.seen()[0].body, all);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_duplex_never_gives_the_upstream_a_complete_upload() {
+    let upstream = Scripted::start(Arc::new(|_: &str| Reply::Echo)).await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (read, mut write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    write
+        .write_all(b"POST /duplex HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&chunk_of(b"first")).await.unwrap();
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(answer.data().await, Ok(Some(b"first".to_vec())));
+    // Half a chunk, then the client is gone.
+    write.write_all(b"10\r\nhalf a ch").await.unwrap();
+    drop(write);
+    drop(answer);
+    upstream.wait_closed(1).await;
+    assert!(
+        upstream.seen().is_empty(),
+        "the upstream saw the upload end: {:?}",
+        upstream.seen()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_duplex_answer_that_turns_malformed_is_cut_and_its_upload_dropped() {
+    // The upstream answers 200 at once, then sends a chunk-size line hyper refuses while the
+    // upload is still coming.
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::EarlyThenRead(
+                chunked(b"5\r\nhello\r\n"),
+                50_000,
+                b"5\n;x\r\nworld\r\n0\r\n\r\n".to_vec(),
+            )
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (read, mut write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    write
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&chunk_of(b"first")).await.unwrap();
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(answer.data().await, Ok(Some(b"hello".to_vec())));
+    // Only now the rest of the upload, which makes the upstream send the malformed line.
+    let writer = tokio::spawn(async move {
+        let part = chunk_of(&[b'x'; 16_000]);
+        while write.write_all(&part).await.is_ok() {}
+    });
+    assert_eq!(answer.data().await, Err(()), "the answer is cut, not ended");
+    writer.abort();
+    upstream.wait_closed(1).await;
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 2);
+    proxy.stop().await;
+}
+
+/// A streamed upload that keeps coming until the task is aborted.
+fn endless_upload(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if write
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let part = chunk_of(&[b'x'; 16_000]);
+        while write.write_all(&part).await.is_ok() {}
+    })
+}
+
+const TOO_LARGE: &[u8] =
+    b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"error\":\"big\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_refuses_and_hangs_up_on_still_gets_the_refusal() {
+    // The upstream answers after the head and closes while the client keeps uploading: the
+    // proxy's writes fail, and the answer that came before must still reach the client.
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::Early(TOO_LARGE.to_vec())
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for round in 1..=3 {
+        let (read, write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+        let writer = endless_upload(write);
+        let (head, mut answer) = Answer::start(read).await;
+        assert!(head.starts_with("HTTP/1.1 413"), "round {round}: {head}");
+        assert_eq!(
+            answer.rest().await.as_deref(),
+            Ok(&b"{\"error\":\"big\"}"[..]),
+            "round {round}"
+        );
+        writer.abort();
+        upstream.wait_closed(round).await;
+    }
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(
+        *upstream.accepted.borrow(),
+        4,
+        "no refused upload's connection was reused"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_refuses_and_stops_reading_still_gets_the_refusal() {
+    // The upstream answers after the head, then neither reads nor closes: the upload backs up,
+    // and the answer must not wait for it.
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::EarlyHeld(TOO_LARGE.to_vec())
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let (read, write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    let writer = endless_upload(write);
+    let (head, mut answer) = Answer::start(read).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(answer.rest().await.as_deref(), Ok(&b"{\"error\":\"big\"}"[..]));
+    writer.abort();
+    // The proxy gave that connection up (its upload never ended): once the upstream reads
+    // again, it finds the connection closed.
+    upstream.release.notify_one();
+    upstream.wait_closed(1).await;
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_does_not_stop_the_upload_until_the_upstream_hangs_up() {
+    // The upstream sends its head at once, goes on reading 200 KB of the upload, then finishes
+    // its answer and closes: the upload must go on after the head, and the failed writes after
+    // the close must not cost the client the rest of the answer.
+    let (head, body) = TOO_LARGE.split_at(TOO_LARGE.len() - 15);
+    let (head, body) = (head.to_vec(), body.to_vec());
+    let upstream = Scripted::start(Arc::new(move |line: &str| {
+        if line.contains("/upload") {
+            Reply::EarlyThenRead(head.clone(), 200_000, body.clone())
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for round in 1..=3 {
+        let (read, write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+        let writer = endless_upload(write);
+        let (head, mut answer) = Answer::start(read).await;
+        assert!(head.starts_with("HTTP/1.1 413"), "round {round}: {head}");
+        assert_eq!(
+            answer.rest().await.as_deref(),
+            Ok(&b"{\"error\":\"big\"}"[..]),
+            "round {round}"
+        );
+        writer.abort();
+        upstream.wait_closed(round).await;
+    }
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(*upstream.accepted.borrow(), 4);
+    proxy.stop().await;
+}
+
+/// A chunked response whose body is `chunks` (raw bytes after the head).
+fn chunked(chunks: &[u8]) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    out.extend_from_slice(chunks);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_size_lines_are_read_as_hyper_reads_them() {
+    // Each path's body as the upstream writes it; `Some(body)` is what the client must get,
+    // `None` that the response is refused.
+    let cases: Vec<(&str, &[u8], Option<&str>)> = vec![
+        ("/bare-lf-before-extension", b"5\n;x\r\nhello\r\n0\r\n\r\n", None),
+        ("/form-feed-after-size", b"5\x0c\r\nhello\r\n0\r\n\r\n", None),
+        ("/space-before-size", b" 5\r\nhello\r\n0\r\n\r\n", None),
+        ("/bare-lf-line-end", b"5\nhello\r\n0\r\n\r\n", None),
+        ("/bare-lf-in-extension", b"5;a\nb\r\nhello\r\n0\r\n\r\n", None),
+        ("/cr-without-lf", b"5\rhello\r\n0\r\n\r\n", None),
+        ("/digit-after-whitespace", b"5 5\r\nhello\r\n0\r\n\r\n", None),
+        ("/size-overflow", b"10000000000000005\r\nhello\r\n0\r\n\r\n", None),
+        (
+            "/leading-zeros",
+            b"000000000000000000005\r\nhello\r\n0000000000000000000\r\n\r\n",
+            Some("hello"),
+        ),
+        ("/whitespace-after-size", b"5 \t \r\nhello\r\n0\r\n\r\n", Some("hello")),
+        (
+            "/quoted-extension",
+            b"5;name=\"a;b \\\" c\"\r\nhello\r\n0\r\n\r\n",
+            Some("hello"),
+        ),
+        (
+            "/whitespace-then-extension",
+            b"5\t ;x=1\r\nhello\r\n0\r\n\r\n",
+            Some("hello"),
+        ),
+    ];
+    let script: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(p, body, _)| (p.to_string(), chunked(body)))
+        .collect();
+    let upstream = Scripted::start(Arc::new(move |line: &str| {
+        let path = line.split(' ').nth(1).unwrap_or("");
+        match script.iter().find(|(p, _)| p == path) {
+            Some((_, bytes)) => Reply::Keep(bytes.clone()),
+            None => Reply::Keep(chunked(b"5\r\nhello\r\n5\n;x\r\nworld\r\n0\r\n\r\n")),
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let mut closed = 0;
+    for (path, _, expected) in &cases {
+        let (status, _, body) = send(&proxy, "GET", path).await;
+        match expected {
+            Some(expected) => {
+                assert_eq!(status, 200, "{path}");
+                assert_eq!(body.as_deref(), Ok(expected.as_bytes()), "{path}");
+            }
+            None => {
+                let body = body.unwrap();
+                let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+                assert_eq!(status, 502, "{path}: {error}");
+                assert_eq!(error["code"], "UPSTREAM_UNAVAILABLE", "{path}: {error}");
+                closed += 1;
+                upstream.wait_closed(closed).await;
+            }
+        }
+    }
+    // A bad size line after the first chunk: the head is already on its way, so the body is
+    // cut short for the client (never delivered as complete) and the connection dropped.
+    let (status, _, body) = send(&proxy, "GET", "/second-line-bad").await;
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "{body:?}");
+    upstream.wait_closed(closed + 1).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_interim_heads_is_skipped_within_the_head_budget_and_refused_past_it() {
+    let flood = |n: usize| {
+        let mut bytes = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(n);
+        bytes.extend_from_slice(&ok("after the flood"));
+        bytes
+    };
+    // 2000 heads (50 KB) fit in the 64 KiB a response may spend before its body; 3000 do not.
+    let (within, past) = (flood(2000), flood(3000));
+    let upstream = Scripted::start(Arc::new(move |line: &str| {
+        if line.contains("/past") {
+            Reply::Keep(past.clone())
+        } else {
+            Reply::Keep(within.clone())
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for _ in 0..2 {
+        let (status, _, body) = send(&proxy, "GET", "/within").await;
+        assert_eq!((status, body.unwrap().as_ref()), (200, b"after the flood".as_ref()));
+    }
+    assert_eq!(*upstream.accepted.borrow(), 1, "reused after the flood");
+    let (status, _, body) = send(&proxy, "GET", "/past").await;
+    let error: serde_json::Value = serde_json::from_slice(&body.unwrap()).expect("a JSON error");
+    assert_eq!(
+        (status, &error["code"]),
+        (502, &serde_json::json!("UPSTREAM_UNAVAILABLE")),
+        "{error}"
+    );
+    upstream.wait_closed(1).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_lengths_head_answers_and_bodiless_statuses_are_delimited_and_reused_only_when_clean() {
+    let upstream = Scripted::start(Arc::new(|line: &str| match line.split(' ').nth(1).unwrap_or("") {
+        "/equal-lengths" => {
+            Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello".to_vec())
+        }
+        "/head" => Reply::Keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec()),
+        "/chunked-and-length" => Reply::Keep(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        "/no-content-tail" => Reply::Keep(b"HTTP/1.1 204 No Content\r\n\r\nhello".to_vec()),
+        "/not-modified-tail" => Reply::Keep(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\nhello".to_vec()),
+        _ => Reply::Keep(ok("fine")),
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    let connections = || *upstream.accepted.borrow();
+
+    let (status, _, body) = send(&proxy, "GET", "/equal-lengths").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello".as_ref()));
+    let (status, headers, body) = send(&proxy, "HEAD", "/head").await;
+    assert_eq!((status, body.unwrap().len()), (200, 0));
+    assert_eq!(headers["content-length"], "5");
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(connections(), 1, "all of these leave the connection clean");
+
+    // Chunked wins over a length, and the connection is not trusted after it.
+    let (status, _, body) = send(&proxy, "GET", "/chunked-and-length").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"hello".as_ref()));
+    upstream.wait_closed(1).await;
+    // 204 and 304 end at their heads; what follows is not a body, and not a next response.
+    for (n, path) in ["/no-content-tail", "/not-modified-tail"].iter().enumerate() {
+        let (status, _, body) = send(&proxy, "GET", path).await;
+        assert!(status == 204 || status == 304, "{path}: {status}");
+        assert_eq!(body.unwrap().len(), 0, "{path}");
+        upstream.wait_closed(n + 2).await;
+    }
+    let (status, _, body) = send(&proxy, "GET", "/fine").await;
+    assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
+    assert_eq!(connections(), 4);
+    proxy.stop().await;
+}
+
+/// An interim head, then a chunked body with an extension and a trailer.
+const LAYERED: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=\"q\"\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_split_at_every_offset_or_sent_byte_by_byte_arrive_whole_on_one_connection() {
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        let path = line.split(' ').nth(1).unwrap_or("");
+        if let Some(at) = path.strip_prefix("/split/") {
+            let at: usize = at.parse().unwrap();
+            Reply::Pieces(vec![LAYERED[..at].to_vec(), LAYERED[at..].to_vec()], false)
+        } else {
+            Reply::Pieces(LAYERED.iter().map(|&b| vec![b]).collect(), false)
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for at in 1..LAYERED.len() {
+        let (status, _, body) = send(&proxy, "GET", &format!("/split/{at}")).await;
+        assert_eq!(
+            (status, body.as_deref()),
+            (200, Ok(&b"hello world"[..])),
+            "split at {at}"
+        );
+    }
+    let (status, _, body) = send(&proxy, "GET", "/bytes").await;
+    assert_eq!((status, body.as_deref()), (200, Ok(&b"hello world"[..])));
+    assert_eq!(*upstream.accepted.borrow(), 1, "every split left the connection clean");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_at_any_offset_is_never_delivered_as_complete() {
+    let head_end = LAYERED.windows(4).rposition(|w| w == b"\r\n\r\n").unwrap();
+    let final_head_end = LAYERED.windows(6).position(|w| w == b"\r\n\r\n5;").unwrap() + 4;
+    assert!(head_end > final_head_end);
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        let at: usize = line.split(' ').nth(1).unwrap_or("/0")[1..].parse().unwrap();
+        Reply::Pieces(vec![LAYERED[..at].to_vec()], true)
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    for at in 0..LAYERED.len() {
+        let (status, _, body) = send(&proxy, "GET", &format!("/{at}")).await;
+        if at < final_head_end {
+            assert_eq!(status, 502, "cut at {at}");
+        } else {
+            assert_eq!(status, 200, "cut at {at}");
+            assert!(body.is_err(), "cut at {at}: {body:?}");
+        }
+        upstream.wait_closed(at + 1).await;
+    }
     proxy.stop().await;
 }
