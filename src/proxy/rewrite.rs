@@ -90,28 +90,33 @@ fn is_hop_by_hop_token(token: &str) -> bool {
 }
 
 /// A response's `Content-Length` as the client may see it (RFC 9110 §8.6, RFC 9112 §6.3):
-/// none on a 1xx or 204, and at most one otherwise. An upstream may repeat the header with one
-/// value (RFC 9110 §8.6 lets a recipient fold those), but a client may refuse the repeat
-/// (aiohttp: "Duplicate Content-Length"), so the repeats become one. Values that differ leave
-/// the body's length unknown: the response is refused (502), except on a 304, which has no body
-/// for them to delimit and simply loses them.
+/// none on a 1xx or 204, and at most one otherwise. An upstream may repeat the header, or list
+/// one value several times in it (`5, 5`), which RFC 9110 §8.6 lets a recipient fold; a client
+/// may refuse either (aiohttp: "Duplicate Content-Length"), so they become one. Values that
+/// differ, or are not numbers, leave the body's length unknown: the response is refused
+/// (502), except on a 304, which has no body for them to delimit and simply loses them.
 pub fn normalise_content_length(status: StatusCode, headers: &mut HeaderMap) -> Result<(), ProxyError> {
     if status.is_informational() || status == StatusCode::NO_CONTENT {
         headers.remove(header::CONTENT_LENGTH);
         return Ok(());
     }
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    // The usual case, none or one, costs this one lookup.
-    if values.next().is_none() || values.next().is_none() {
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    // The usual case, one header holding one number, costs this lookup and one parse.
+    if values.next().is_none() && parse_digits(first.as_bytes()).is_some() {
         return Ok(());
     }
     let mut length = None;
     let mut agree = true;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        match (parse_digits(value.as_bytes()), length) {
-            (Some(n), None) => length = Some(n),
-            (Some(n), Some(seen)) if n == seen => {}
-            _ => agree = false,
+        for item in value.as_bytes().split(|&b| b == b',') {
+            match (parse_digits(item.trim_ascii()), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(seen)) if n == seen => {}
+                _ => agree = false,
+            }
         }
     }
     match length {
@@ -124,7 +129,7 @@ pub fn normalise_content_length(status: StatusCode, headers: &mut HeaderMap) -> 
             Ok(())
         }
         _ => Err(ProxyError::UpstreamUnavailable(
-            "the upstream's response has Content-Length values that differ, so its length is unknown".into(),
+            "the upstream's response has a Content-Length that is not one number, so its length is unknown".into(),
         )),
     }
 }
@@ -257,6 +262,8 @@ mod tests {
         assert_eq!(lengths(200, &["5", "5"]).unwrap(), ["5"]);
         assert_eq!(lengths(200, &["5", "05", "5"]).unwrap(), ["5"]);
         assert_eq!(lengths(404, &["0", "0"]).unwrap(), ["0"]);
+        assert_eq!(lengths(200, &["5, 5"]).unwrap(), ["5"]);
+        assert_eq!(lengths(200, &["5 ,5", "5"]).unwrap(), ["5"]);
         for status in [100, 101, 103, 204] {
             assert_eq!(lengths(status, &["7"]).unwrap(), Vec::<String>::new(), "{status}");
             assert_eq!(lengths(status, &["7", "7"]).unwrap(), Vec::<String>::new(), "{status}");
@@ -264,7 +271,7 @@ mod tests {
         assert_eq!(lengths(304, &["9", "9"]).unwrap(), ["9"]);
         assert_eq!(lengths(304, &["9"]).unwrap(), ["9"]);
         assert_eq!(lengths(304, &["9", "8"]).unwrap(), Vec::<String>::new());
-        for bad in [&["5", "6"][..], &["5", "x"], &["5", "-5"]] {
+        for bad in [&["5", "6"][..], &["5", "x"], &["5", "-5"], &["5, 6"], &["x"], &["5,"]] {
             let e = lengths(200, bad).unwrap_err();
             assert_eq!(e.status_and_code().0, StatusCode::BAD_GATEWAY, "{bad:?}");
         }

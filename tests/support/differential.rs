@@ -1786,11 +1786,18 @@ fn describe_hyper_error(e: &hyper::Error) -> String {
 
 /// Why the proxy may answer 502 where hyper's client accepts the response: `Some(reason)`
 /// when the case is on the list. Anything else is a failure.
-pub fn allowed_upstream_refusal(case: &ResponseCase, status: u16) -> Option<&'static str> {
+pub fn allowed_upstream_refusal(case: &ResponseCase, status: u16, body_failed: bool) -> Option<&'static str> {
     if status == 101 {
         return Some(
             "an unasked 101: nothing on this path asked to upgrade, so what follows on the connection \
              is not HTTP; hyper's client hands such a response to the caller as an upgrade",
+        );
+    }
+    if body_failed {
+        return Some(
+            "a body hyper's client fails after passing on the head: the proxy had read the failing \
+             start of the body together with the head, so it answers 502 rather than a head whose \
+             body then breaks",
         );
     }
     let bodiless = case.method == "HEAD" || status == 204 || status == 304;
@@ -1992,7 +1999,7 @@ fn judge_response(case: &ResponseCase, reference: &Seen, through_proxy: &Seen) -
         }
         Seen::Answered { status, headers, body } => {
             if is_proxy_502(through_proxy) && *status != 502 {
-                return match allowed_upstream_refusal(case, *status) {
+                return match allowed_upstream_refusal(case, *status, body.is_err()) {
                     Some(reason) => Ok(ResponseOutcome::Allowed(reason)),
                     None => Err(format!(
                         "hyper's client accepted the response ({status}); the proxy answered 502 UPSTREAM_UNAVAILABLE, and that is not on the allow-list"
