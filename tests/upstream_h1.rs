@@ -884,19 +884,9 @@ fn endless_upload(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::Jo
 const TOO_LARGE: &[u8] =
     b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"error\":\"big\"}";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_the_upstream_refuses_and_hangs_up_on_still_gets_the_refusal() {
-    // The upstream answers after the head and closes while the client keeps uploading: the
-    // proxy's writes fail, and the answer that came before must still reach the client.
-    let upstream = Scripted::start(Arc::new(|line: &str| {
-        if line.contains("/upload") {
-            Reply::Early(TOO_LARGE.to_vec())
-        } else {
-            Reply::Keep(ok("fine"))
-        }
-    }))
-    .await;
-    let proxy = proxy_for(&upstream, "").await;
+/// Three endless uploads in turn, each on a fresh client connection: every one gets the whole
+/// 413 while it is still uploading, and the upstream sees each connection closed.
+async fn three_refused_uploads(proxy: &TestProxy, upstream: &Scripted) {
     for round in 1..=3 {
         let (read, write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
         let writer = endless_upload(write);
@@ -910,6 +900,22 @@ async fn an_upload_the_upstream_refuses_and_hangs_up_on_still_gets_the_refusal()
         writer.abort();
         upstream.wait_closed(round).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_refuses_and_hangs_up_on_still_gets_the_refusal() {
+    // The upstream answers after the head and closes while the client keeps uploading: the
+    // proxy's writes fail, and the answer that came before must still reach the client.
+    let upstream = Scripted::start(Arc::new(|line: &str| {
+        if line.contains("/upload") {
+            Reply::Early(TOO_LARGE.to_vec())
+        } else {
+            Reply::Keep(ok("fine"))
+        }
+    }))
+    .await;
+    let proxy = proxy_for(&upstream, "").await;
+    three_refused_uploads(&proxy, &upstream).await;
     let (status, _, body) = send(&proxy, "GET", "/fine").await;
     assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
     assert_eq!(
@@ -965,19 +971,7 @@ async fn an_early_answer_does_not_stop_the_upload_until_the_upstream_hangs_up() 
     }))
     .await;
     let proxy = proxy_for(&upstream, "").await;
-    for round in 1..=3 {
-        let (read, write) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
-        let writer = endless_upload(write);
-        let (head, mut answer) = Answer::start(read).await;
-        assert!(head.starts_with("HTTP/1.1 413"), "round {round}: {head}");
-        assert_eq!(
-            answer.rest().await.as_deref(),
-            Ok(&b"{\"error\":\"big\"}"[..]),
-            "round {round}"
-        );
-        writer.abort();
-        upstream.wait_closed(round).await;
-    }
+    three_refused_uploads(&proxy, &upstream).await;
     let (status, _, body) = send(&proxy, "GET", "/fine").await;
     assert_eq!((status, body.unwrap().as_ref()), (200, b"fine".as_ref()));
     assert_eq!(*upstream.accepted.borrow(), 4);

@@ -1,34 +1,10 @@
-//! Client bytes through the proxy against hyper's server: libFuzzer's input is the choice
-//! string the proptest draws (`tests/differential.rs`), decoded by the same harness into a
-//! pipeline of requests cut into writes. A divergence from hyper that is not on the harness's
-//! allow-list panics with the case and both views.
+//! Client bytes through the proxy against hyper's server: the input decodes into a pipeline of
+//! requests cut into writes (see `common.rs`).
 #![no_main]
 
 #[path = "../../tests/support/differential.rs"]
 mod differential;
+#[macro_use]
+mod common;
 
-use differential::RequestHarness;
-use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
-
-/// One runtime, proxy and recording upstream for the whole fuzzing process.
-fn harness() -> &'static (tokio::runtime::Runtime, RequestHarness) {
-    static HARNESS: OnceLock<(tokio::runtime::Runtime, RequestHarness)> = OnceLock::new();
-    HARNESS.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
-        let harness = runtime.block_on(RequestHarness::start());
-        (runtime, harness)
-    })
-}
-
-fuzz_target!(|choices: &[u8]| {
-    let (runtime, harness) = harness();
-    let case = harness.case_from_choices(choices);
-    if let Err(divergence) = runtime.block_on(harness.check(&case)) {
-        panic!("{divergence}");
-    }
-});
+differential_target!(differential::RequestHarness);
