@@ -62,9 +62,13 @@ impl Checks {
     /// In order: what is refused outright (guard, body framing), then the target in origin
     /// form, sizes, the local token (removed from the request once it matched), then the method
     /// and path.
-    fn check<B>(&self, req: &mut Request<B>, transport: Transport) -> Result<(), ProxyError> {
+    fn check(&self, req: &mut Request<ClientBody>, transport: Transport) -> Result<(), ProxyError> {
         self.guard.check(req, transport)?;
-        framing::check(req)?;
+        // A whole body comes from the plain path, which hands every head with
+        // Transfer-Encoding or Upgrade to hyper: only a streamed request can break these rules.
+        if let ClientBody::Streaming(_) = req.body() {
+            framing::check(req)?;
+        }
         guard::to_origin_form(req.uri_mut())?;
         self.limits.check(req)?;
         self.callers.take_token(req.headers_mut())?;
