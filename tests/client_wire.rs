@@ -674,6 +674,20 @@ async fn an_absolute_form_target_is_forwarded_in_origin_form() {
     )
     .await;
     assert_eq!(response.status, 403, "{:?}", response.head);
+    // An authority-form target names no path: only CONNECT may use it, and that is refused.
+    for (path, response) in [
+        (
+            "plain",
+            on_plain_path(&proxy, "GET 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", false).await,
+        ),
+        (
+            "hyper",
+            on_hyper_path(&proxy, "GET 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", false).await,
+        ),
+    ] {
+        assert_eq!(response.status, 400, "{path}: {:?}", response.head);
+        assert_eq!(response.json()["code"], "BAD_REQUEST", "{path}");
+    }
     assert_eq!(forwarded(&upstream).len(), cases.len() * 2);
     proxy.stop().await;
 }

@@ -83,7 +83,7 @@ impl Guard {
     }
 }
 
-/// An absolute-form (or authority-form) target the guard accepted, as the origin form it
+/// An absolute-form target the guard accepted, as the origin form it
 /// stands for: `http://127.0.0.1:8787/v1/x?y=1` → `/v1/x?y=1`, and an empty path is `/`
 /// (RFC 9112 §3.2.1, §3.2.2), so `http://127.0.0.1?x=1` → `/?x=1`, not `?x=1`. Run once, after
 /// the guard and before the policy, so the policy, the access line and the upstream see one
@@ -91,6 +91,13 @@ impl Guard {
 pub fn to_origin_form(uri: &mut Uri) -> Result<(), ProxyError> {
     if uri.scheme().is_none() && uri.authority().is_none() {
         return Ok(());
+    }
+    if uri.scheme().is_none() {
+        // Authority form (`host:port`) belongs to CONNECT alone (RFC 9112 §3.2.3), which the
+        // guard has refused already; on any other method it names no path to forward.
+        return Err(ProxyError::BadRequest(
+            "an authority-form target (host:port) is only for CONNECT; send the path".into(),
+        ));
     }
     let origin = match uri.path_and_query() {
         Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
@@ -205,7 +212,6 @@ mod tests {
             ("http://[::1]:8787/", "/"),
             ("http://127.0.0.1/v1/voices?x=1", "/v1/voices?x=1"),
             ("https://localhost/a/b", "/a/b"),
-            ("127.0.0.1:443", "/"),
             ("/already?x=1", "/already?x=1"),
             ("/", "/"),
             ("*", "*"),
@@ -216,6 +222,9 @@ mod tests {
             assert!(uri.scheme().is_none() && uri.authority().is_none(), "{target}");
             assert_eq!(uri.path_and_query().map(|pq| pq.as_str()), Some(origin), "{target}");
         }
+        let mut authority_form: Uri = "127.0.0.1:443".parse().unwrap();
+        let refused = to_origin_form(&mut authority_form).expect_err("authority form");
+        assert_eq!(refused.status_and_code().1, "BAD_REQUEST");
     }
 
     #[test]
