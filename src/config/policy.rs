@@ -7,7 +7,7 @@ use super::{invalid, Invalid};
 
 /// `[policy]`: which methods and paths may be forwarded at all (DESIGN.md: "path outside
 /// allow-list → 403"). Rules are `"METHOD /path"` or `"/path"` (any method); in paths `*`
-/// matches within one segment and `**` across segments. The matcher is `proxy::policy`.
+/// matches within one segment and `**` across segments. The matcher is `server::policy`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {

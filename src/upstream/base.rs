@@ -16,7 +16,7 @@ pub struct UpstreamBase {
     pub base_path: String,
     /// The `Host` header for the upstream, built once: hyper-util's client would format it
     /// for every request (about 1,700 instructions, callgrind), so it is told not to
-    /// (`set_host(false)` in forward.rs) and this one is inserted instead. Same form as
+    /// (`set_host(false)` in `upstream/mod.rs`) and this one is inserted instead. Same form as
     /// hyper-util's: the host, and the port unless it is the scheme's default. Over HTTP/2 it
     /// travels beside an equal `:authority`, which RFC 9113 §8.3.1 allows an intermediary.
     pub host: HeaderValue,
