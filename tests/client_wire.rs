@@ -153,26 +153,6 @@ async fn serve_upstream<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
-    let mut chunk = [0u8; 16384];
-    match io.read(&mut chunk).await {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            buf.extend_from_slice(&chunk[..n]);
-            true
-        }
-    }
-}
-
-/// `200 OK` with `body`.
-fn ok(body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
 /// Every request answered `200 ok`.
 fn always_ok(_: &str) -> Vec<u8> {
     ok("ok")

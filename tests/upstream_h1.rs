@@ -291,25 +291,6 @@ async fn read_chunk<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u
     Some(data)
 }
 
-async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
-    let mut chunk = [0u8; 16384];
-    match io.read(&mut chunk).await {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            buf.extend_from_slice(&chunk[..n]);
-            true
-        }
-    }
-}
-
-fn ok(body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
 async fn proxy_for(upstream: &Scripted, extra: &str) -> TestProxy {
     TestProxy::start_for(&upstream.url(), &upstream.pki.ca_file, extra).await
 }

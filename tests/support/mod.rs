@@ -390,3 +390,25 @@ pub fn key_dir() -> (tempfile::TempDir, PathBuf) {
     let key = key_file(&dir);
     (dir, key)
 }
+
+/// Read once more from a raw socket into `buf`; `false` at EOF or on an error.
+pub async fn read_more<S: tokio::io::AsyncRead + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 16384];
+    match io.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// The bytes of a `200 OK` with a `text/plain` `body`, as a scripted upstream writes them.
+pub fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
