@@ -268,21 +268,9 @@ fn parse_response(data: &[u8], head_only: bool) -> Option<(RawResponse, usize)> 
         "a response without framing: {:?}",
         response.head
     );
-    let mut at = 0;
-    loop {
-        let line_end = at + rest[at..].windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16).expect("chunk size");
-        at = line_end + 2;
-        if rest.len() < at + size + 2 {
-            return None;
-        }
-        if size == 0 {
-            return Some((response, head_len + at + 2));
-        }
-        response.body.extend_from_slice(&rest[at..at + size]);
-        at += size + 2;
-    }
+    let (body, used) = dechunk(rest)?;
+    response.body = body;
+    Some((response, head_len + used))
 }
 
 /// Send `request` on a fresh connection and read one response: the proxy's own loop serves it

@@ -114,26 +114,8 @@ fn parse_response(data: &[u8], head_only: bool) -> Option<(RawResponse, usize)> 
         Some("chunked"),
         "unframed response"
     );
-    let mut body = Vec::new();
-    let mut at = 0;
-    loop {
-        let line_end = at + memchr_crlf(&rest[at..])?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16).expect("chunk size");
-        at = line_end + 2;
-        if rest.len() < at + size + 2 {
-            return None;
-        }
-        if size == 0 {
-            return Some((RawResponse { status, headers, body }, head_len + at + 2));
-        }
-        body.extend_from_slice(&rest[at..at + size]);
-        at += size + 2;
-    }
-}
-
-fn memchr_crlf(data: &[u8]) -> Option<usize> {
-    data.windows(2).position(|w| w == b"\r\n")
+    let (body, used) = dechunk(rest)?;
+    Some((RawResponse { status, headers, body }, head_len + used))
 }
 
 async fn connect(proxy: &TestProxy) -> Reader {

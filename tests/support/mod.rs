@@ -412,3 +412,24 @@ pub fn ok(body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A chunked body at the start of `rest` (trailers not expected): its data, and how many bytes
+/// the coding took; `None` while it is incomplete.
+pub fn dechunk(rest: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + rest[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?.trim(), 16).expect("chunk size");
+        at = line_end + 2;
+        if rest.len() < at + size + 2 {
+            return None;
+        }
+        if size == 0 {
+            return Some((body, at + 2));
+        }
+        body.extend_from_slice(&rest[at..at + size]);
+        at += size + 2;
+    }
+}
