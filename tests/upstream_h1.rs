@@ -176,6 +176,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 return;
             }
             Reply::Echo => {
+                let mut head_kept = head;
                 let mut body = Vec::new();
                 let mut answered = false;
                 loop {
@@ -188,6 +189,12 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                         answered = true;
                     }
                     if chunk.is_empty() {
+                        // Recorded before the last chunk goes out, so a client that has read
+                        // the whole answer finds the upload here.
+                        seen.lock().unwrap().push(Seen {
+                            head: std::mem::take(&mut head_kept),
+                            body: std::mem::take(&mut body),
+                        });
                         out.extend_from_slice(b"0\r\n\r\n");
                     } else {
                         out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
@@ -202,7 +209,6 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     }
                     body.extend_from_slice(&chunk);
                 }
-                seen.lock().unwrap().push(Seen { head, body });
                 continue;
             }
             _ => {}
