@@ -271,8 +271,16 @@ impl Collector for KeyCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         for (code, count, retired) in [
-            ("401", failures.as_ref().map_or(0, |s| s.upstream_401), &self.0.retired_401),
-            ("403", failures.as_ref().map_or(0, |s| s.upstream_403), &self.0.retired_403),
+            (
+                "401",
+                failures.as_ref().map_or(0, |s| s.upstream_401),
+                &self.0.retired_401,
+            ),
+            (
+                "403",
+                failures.as_ref().map_or(0, |s| s.upstream_403),
+                &self.0.retired_403,
+            ),
         ] {
             let counter = ConstCounter::new(count + retired.load(Ordering::Relaxed));
             counter.encode(family.encode_family(&[("status", code)])?)?;

@@ -11,7 +11,9 @@ use support::*;
 async fn post(url: &str) -> (http::StatusCode, bytes::Bytes) {
     let req = http::Request::post(url)
         .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"text\":\"hi\"}")))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"{\"text\":\"hi\"}",
+        )))
         .unwrap();
     let (status, _, body) = send(req).await;
     (status, body)
@@ -34,10 +36,17 @@ async fn a_rejected_key_turns_ready_red_counts_and_clears_when_a_new_key_arrives
     assert_eq!(status, 503, "{ready}");
     assert_eq!(ready["status"], "key_rejected");
     assert_eq!(ready["rejections"], 3);
-    assert_eq!(ready["key"]["rejected"]["fingerprint"], smallest_proxy::keys::fingerprint(TEST_KEY));
+    assert_eq!(
+        ready["key"]["rejected"]["fingerprint"],
+        smallest_proxy::keys::fingerprint(TEST_KEY)
+    );
     assert!(ready["error"].as_str().unwrap().contains("file source"), "{ready}");
     assert_eq!(
-        metric(&proxy.url(""), "smallest_proxy_upstream_auth_failures_total{status=\"401\"}").await,
+        metric(
+            &proxy.url(""),
+            "smallest_proxy_upstream_auth_failures_total{status=\"401\"}"
+        )
+        .await,
         3.0
     );
     // Each 401 made the proxy re-read the source, which still held the same key: nothing to
@@ -46,7 +55,9 @@ async fn a_rejected_key_turns_ready_red_counts_and_clears_when_a_new_key_arrives
 
     // A valid key in the source ends the state.
     std::fs::write(&proxy.key_file, "sk-the-right-one\n").unwrap();
-    proxy.wait_ready("ready after the new key", |s, b| s == 200 && b["status"] == "ready").await;
+    proxy
+        .wait_ready("ready after the new key", |s, b| s == 200 && b["status"] == "ready")
+        .await;
     let (status, _) = post(&proxy.url("/waves/v1/tts")).await;
     assert_eq!(status, 200);
     proxy.stop().await;
@@ -63,7 +74,11 @@ async fn a_key_accepted_again_clears_the_state() {
     *upstream.state.accepted_key.lock().await = Some(TEST_KEY.into());
     assert_eq!(post(&proxy.url("/waves/v1/tts")).await.0, 200);
     let (status, ready) = proxy.ready().await;
-    assert_eq!((status.as_u16(), ready["status"].as_str()), (200, Some("ready")), "{ready}");
+    assert_eq!(
+        (status.as_u16(), ready["status"].as_str()),
+        (200, Some("ready")),
+        "{ready}"
+    );
     proxy.stop().await;
 }
 
@@ -89,7 +104,11 @@ async fn a_self_hosted_license_or_quota_refusal_shows_in_ready() {
     // A 403 about one endpoint is counted but is not about the account.
     assert_eq!(post(&proxy.url("/status/403")).await.0, 403);
     assert_eq!(
-        metric(&proxy.url(""), "smallest_proxy_upstream_auth_failures_total{status=\"403\"}").await,
+        metric(
+            &proxy.url(""),
+            "smallest_proxy_upstream_auth_failures_total{status=\"403\"}"
+        )
+        .await,
         3.0
     );
     // A success ends it.
@@ -119,8 +138,42 @@ async fn one_warning_per_fingerprint_naming_source_and_remedy() {
     assert_eq!(warnings.len(), 1, "{log}");
     let line = warnings[0];
     assert!(line.contains("WARN") && line.contains(&fingerprint), "{line}");
-    assert!(line.contains("source=\"file\"") || line.contains("source=file"), "{line}");
-    assert!(line.contains(&key.display().to_string()), "names the file to fix: {line}");
+    assert!(
+        line.contains("source=\"file\"") || line.contains("source=file"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&key.display().to_string()),
+        "names the file to fix: {line}"
+    );
     assert!(!log.contains(TEST_KEY), "the key never reaches the log");
     drop(dir);
+}
+
+/// Start-up with an unusable key says which rule it broke and that nothing is served until a
+/// valid key arrives, without claiming a "last good key" it does not have.
+#[test]
+fn an_unusable_key_at_start_names_the_rule_and_claims_no_last_good_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sk-with\ta-tab\n").unwrap();
+    let config = proxy_config_text("https://127.0.0.1:9", std::path::Path::new("/dev/null"), &key, "");
+    let config = config.replace("ca_file = \"/dev/null\"\n", "");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log("the value contains a tab", 1, Duration::from_secs(10));
+    let log = proxy.stderr_text();
+    assert!(log.contains("nothing is served"), "{log}");
+    assert!(!log.contains("last good key"), "{log}");
+    assert!(!log.contains("sk-with"), "the key never reaches the log");
+}
+
+#[test]
+fn a_missing_key_file_says_not_found_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("absent-key");
+    let config = proxy_config_text("https://127.0.0.1:9", std::path::Path::new("/dev/null"), &key, "");
+    let config = config.replace("ca_file = \"/dev/null\"\n", "");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log(&format!("not found: {}", key.display()), 1, Duration::from_secs(10));
+    assert!(!proxy.stderr_text().contains("has not answered"));
 }

@@ -190,11 +190,7 @@ impl<'de, 'a> Deserializer<'de> for Probe<'a> {
         self.deserialize_unit(visitor)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, ProbeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, ProbeError> {
         visitor.visit_newtype_struct(self)
     }
 
@@ -223,10 +219,9 @@ impl<'de, 'a> Deserializer<'de> for Probe<'a> {
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
         self.record(Kind::Other);
-        visitor.visit_map(de::value::MapDeserializer::<
-            std::iter::Empty<(&str, &str)>,
-            ProbeError,
-        >::new(std::iter::empty()))
+        visitor.visit_map(
+            de::value::MapDeserializer::<std::iter::Empty<(&str, &str)>, ProbeError>::new(std::iter::empty()),
+        )
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -336,11 +331,7 @@ impl<'de, 'a> Deserializer<'de> for &OwnedProbe<'a> {
     fn deserialize_unit_struct<V: Visitor<'de>>(self, n: &'static str, visitor: V) -> Result<V::Value, ProbeError> {
         self.borrowed().deserialize_unit_struct(n, visitor)
     }
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        n: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, ProbeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, n: &'static str, visitor: V) -> Result<V::Value, ProbeError> {
         self.borrowed().deserialize_newtype_struct(n, visitor)
     }
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
@@ -671,8 +662,22 @@ mod tests {
     #[test]
     fn the_schema_reaches_every_section_and_optional_table() {
         let schema = schema();
-        for table in ["listen", "key", "key.vault", "key.vault.auth", "key.aws", "limits", "limits.shared", "limits.class[]", "policy"] {
-            assert!(matches!(schema.get(table), Some(Kind::Table(_))), "{table}: {:?}", schema.get(table));
+        for table in [
+            "listen",
+            "key",
+            "key.vault",
+            "key.vault.auth",
+            "key.aws",
+            "limits",
+            "limits.shared",
+            "limits.class[]",
+            "policy",
+        ] {
+            assert!(
+                matches!(schema.get(table), Some(Kind::Table(_))),
+                "{table}: {:?}",
+                schema.get(table)
+            );
         }
         assert_eq!(schema.get("limits.class"), Some(&Kind::Array));
         assert_eq!(schema.get("listen.address"), Some(&Kind::Text));
@@ -706,7 +711,10 @@ mod tests {
     #[test]
     fn no_config_key_looks_like_a_kubernetes_service_link() {
         for (path, _) in schema() {
-            let name = format!("{ENV_OVERRIDE_PREFIX}{}", path.replace("[]", "_0").replace('.', "_").to_ascii_uppercase());
+            let name = format!(
+                "{ENV_OVERRIDE_PREFIX}{}",
+                path.replace("[]", "_0").replace('.', "_").to_ascii_uppercase()
+            );
             assert!(!is_service_link(&name), "{path} would be skipped as a service link");
         }
     }
@@ -749,7 +757,10 @@ mod tests {
         assert_eq!(schema.get("max_concurrent"), Some(&Kind::Other));
         let (steps, _) = resolve(&schema, "", "route_0_keyring_service").expect("past the refused field");
         assert_eq!(display_path(&steps), "route[0].keyring.service");
-        assert_eq!(typed_value(schema.get("max_concurrent"), "auto"), toml::Value::String("auto".into()));
+        assert_eq!(
+            typed_value(schema.get("max_concurrent"), "auto"),
+            toml::Value::String("auto".into())
+        );
         assert!(resolve(&schema, "", "route_x_name").is_none());
     }
 
@@ -768,7 +779,12 @@ mod tests {
         ] {
             assert!(is_service_link(name), "{name}");
         }
-        for name in ["SMALLEST_PROXY_LISTEN_ADDRESS", "SMALLEST_PROXY_PORT_X_TCP", "SMALLEST_PROXY_PORTS", "SMALLEST_PROXY_PORT_8787_TCP_HOST"] {
+        for name in [
+            "SMALLEST_PROXY_LISTEN_ADDRESS",
+            "SMALLEST_PROXY_PORT_X_TCP",
+            "SMALLEST_PROXY_PORTS",
+            "SMALLEST_PROXY_PORT_8787_TCP_HOST",
+        ] {
             assert!(!is_service_link(name), "{name}");
         }
     }
@@ -778,11 +794,20 @@ mod tests {
         assert_eq!(typed_value(Some(&Kind::Scalar), "8"), toml::Value::Integer(8));
         assert_eq!(typed_value(Some(&Kind::Scalar), "true"), toml::Value::Boolean(true));
         assert_eq!(typed_value(Some(&Kind::Scalar), "1.5"), toml::Value::Float(1.5));
-        assert_eq!(typed_value(Some(&Kind::Text), "0660"), toml::Value::String("0660".into()));
+        assert_eq!(
+            typed_value(Some(&Kind::Text), "0660"),
+            toml::Value::String("0660".into())
+        );
         assert_eq!(typed_value(Some(&Kind::Text), "123"), toml::Value::String("123".into()));
-        assert_eq!(typed_value(Some(&Kind::Text), "\"quoted\""), toml::Value::String("quoted".into()));
+        assert_eq!(
+            typed_value(Some(&Kind::Text), "\"quoted\""),
+            toml::Value::String("quoted".into())
+        );
         assert_eq!(typed_value(Some(&Kind::Text), "5m"), toml::Value::String("5m".into()));
-        assert_eq!(typed_value(Some(&Kind::Other), "auto"), toml::Value::String("auto".into()));
+        assert_eq!(
+            typed_value(Some(&Kind::Other), "auto"),
+            toml::Value::String("auto".into())
+        );
         assert_eq!(typed_value(Some(&Kind::Other), "3"), toml::Value::Integer(3));
         assert_eq!(
             typed_value(Some(&Kind::Array), "[1000, 1001]"),

@@ -481,7 +481,10 @@ max_stale = "2h"
                 r#"[{name = "tts", paths = ["/waves/v1/tts"], max_concurrent = 2}]"#,
             ),
             ("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_WEBSOCKETS", "5"),
-            ("SMALLEST_PROXY_LIMITS_CLASS_1", r#"{name = "stt", paths = ["/waves/v1/stt"]}"#),
+            (
+                "SMALLEST_PROXY_LIMITS_CLASS_1",
+                r#"{name = "stt", paths = ["/waves/v1/stt"]}"#,
+            ),
             ("SMALLEST_PROXY_LIMITS_CLASS_1_RATE", "10"),
             ("SMALLEST_PROXY_LISTEN_ALLOWED_ORIGINS", r#"["http://localhost:3000"]"#),
             ("SMALLEST_PROXY_LISTEN_UNIX_SOCKET_MODE", "0600"),
@@ -494,7 +497,11 @@ max_stale = "2h"
         assert_eq!(c.limits.shared.as_ref().unwrap().redis_url, "redis://127.0.0.1:6379");
         let classes = c.limits.classes();
         assert_eq!(
-            (classes[0].name.as_str(), classes[0].max_concurrent, classes[0].max_websockets),
+            (
+                classes[0].name.as_str(),
+                classes[0].max_concurrent,
+                classes[0].max_websockets
+            ),
             ("tts", 2, 5)
         );
         assert_eq!((classes[1].name.as_str(), classes[1].rate), ("stt", 10));
@@ -505,7 +512,12 @@ max_stale = "2h"
 
         // An element of the file's array is changed in place.
         let file = "[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/tts\"]\n";
-        let c = load_text(None, file, &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_CONCURRENT", "3")])).unwrap();
+        let c = load_text(
+            None,
+            file,
+            &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_CONCURRENT", "3")]),
+        )
+        .unwrap();
         assert_eq!(c.limits.classes()[0].max_concurrent, 3);
     }
 
@@ -519,7 +531,10 @@ max_stale = "2h"
         assert!(e.message.contains("not a duration"), "{e}");
         // A class from the environment without its paths: the variable is blamed.
         let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "tts")])).unwrap_err();
-        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "{e}");
+        assert_eq!(
+            e.location, "environment variable SMALLEST_PROXY_LIMITS_CLASS_0_NAME",
+            "{e}"
+        );
         let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_2_NAME", "tts")])).unwrap_err();
         assert!(e.message.contains("gap"), "{e}");
         let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LISTEN_MAX_CONNECTIONS", "0")])).unwrap_err();
@@ -538,7 +553,10 @@ max_stale = "2h"
             ("SMALLEST_PROXY_PORT_8787_TCP_PORT", "8787"),
             ("SMALLEST_PROXY_PORT_8787_TCP_ADDR", "10.0.0.7"),
         ]);
-        assert_eq!(load_text(None, "", &links).expect("links never stop start-up"), load("").unwrap());
+        assert_eq!(
+            load_text(None, "", &links).expect("links never stop start-up"),
+            load("").unwrap()
+        );
         assert_eq!(ignored_service_links(&links).len(), links.len());
         let mut with_typo = links.clone();
         with_typo.push(("SMALLEST_PROXY_LISTEN_ADRESS".into(), "127.0.0.1:1".into()));

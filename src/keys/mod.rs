@@ -115,10 +115,14 @@ pub fn validate_key_value(value: &str) -> Result<(), KeyError> {
     if value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(KeyError::Invalid("the value contains a line break"));
     }
-    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(KeyError::Invalid(
-            "the value contains characters other than visible ASCII",
-        ));
+    // Name the rule broken, so an operator knows what to look for in the source.
+    if let Some(bad) = value.bytes().find(|b| !b.is_ascii_graphic()) {
+        return Err(KeyError::Invalid(match bad {
+            b'\t' => "the value contains a tab (only visible ASCII is allowed)",
+            b' ' => "the value contains a space (only visible ASCII is allowed)",
+            b if b.is_ascii_control() => "the value contains a control character (only visible ASCII is allowed)",
+            _ => "the value contains a non-ASCII character (only visible ASCII is allowed)",
+        }));
     }
     Ok(())
 }
@@ -142,7 +146,10 @@ pub trait KeySource: Send + Sync + 'static {
     /// What an operator does when the upstream rejects the key: a sentence naming the place
     /// to fix (never the value).
     fn remedy(&self) -> String {
-        format!("put a valid key in the {} key source; the proxy picks it up at the next refresh (or SIGHUP)", self.kind())
+        format!(
+            "put a valid key in the {} key source; the proxy picks it up at the next refresh (or SIGHUP)",
+            self.kind()
+        )
     }
 }
 
