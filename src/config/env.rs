@@ -477,7 +477,7 @@ pub fn ignored_service_links(vars: &[(String, String)]) -> Vec<String> {
 }
 
 /// One step of a resolved key path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Step {
     Field(String),
     Index(usize),
@@ -569,31 +569,37 @@ fn display_path(steps: &[Step]) -> String {
 /// name) for each applied override so errors can blame the variable.
 pub(crate) fn apply(table: &mut toml::Table, vars: &[(String, String)]) -> Result<Vec<(String, String)>, ConfigError> {
     let schema = schema();
-    let mut applied = Vec::new();
-    // Sorted, so indexed array elements are filled in order whatever the environment's order.
-    let mut vars: Vec<&(String, String)> = vars.iter().collect();
-    vars.sort();
-    for (name, value) in vars {
+    let mut resolved = Vec::new();
+    let mut names: Vec<&(String, String)> = vars.iter().collect();
+    names.sort();
+    for (name, value) in names {
         let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
             continue;
         };
         if name == CONFIG_PATH_ENV || is_service_link(name) {
             continue;
         }
-        let blame = |key: String, message: String| ConfigError {
-            location: format!("environment variable {name}"),
-            key,
-            message,
-        };
         let Some((steps, target)) = resolve(&schema, "", &rest.to_ascii_lowercase()) else {
-            return Err(blame(
-                String::new(),
-                format!("does not name a config key; overrides look like {ENV_OVERRIDE_PREFIX}LISTEN_ADDRESS (section, then key, in capitals)"),
-            ));
+            return Err(ConfigError {
+                location: format!("environment variable {name}"),
+                key: String::new(),
+                message: format!("does not name a config key; overrides look like {ENV_OVERRIDE_PREFIX}LISTEN_ADDRESS (section, then key, in capitals)"),
+            });
         };
+        resolved.push((steps, target, name, value));
+    }
+    // In key order, indexes numerically: a whole array before its elements, element 2 before
+    // element 10, so elements are filled in order whatever the environment's order.
+    resolved.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut applied = Vec::new();
+    for (steps, target, name, value) in resolved {
         let key = display_path(&steps);
         let typed = typed_value(schema.get(&target), value);
-        set(table, &steps, typed).map_err(|message| blame(key.clone(), message))?;
+        set(table, &steps, typed).map_err(|message| ConfigError {
+            location: format!("environment variable {name}"),
+            key: key.clone(),
+            message,
+        })?;
         applied.push((key, name.clone()));
     }
     Ok(applied)
@@ -610,7 +616,9 @@ fn set(table: &mut toml::Table, steps: &[Step], value: toml::Value) -> Result<()
         };
         let last = i + 1 == steps.len();
         if last {
-            node.insert(field.clone(), value.take().unwrap_or(toml::Value::Boolean(false)));
+            if let Some(value) = value.take() {
+                node.insert(field.clone(), value);
+            }
             return Ok(());
         }
         match &steps[i + 1] {
@@ -631,7 +639,9 @@ fn set(table: &mut toml::Table, steps: &[Step], value: toml::Value) -> Result<()
                     array.push(toml::Value::Table(toml::Table::new()));
                 }
                 if i + 2 == steps.len() {
-                    array[*index] = value.take().unwrap_or(toml::Value::Boolean(false));
+                    if let Some(value) = value.take() {
+                        array[*index] = value;
+                    }
                     return Ok(());
                 }
                 let toml::Value::Table(element) = &mut array[*index] else {

@@ -510,6 +510,19 @@ max_stale = "2h"
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(90));
         assert!(c.policy.allow_logs);
 
+        // Elements numbered past 9 still go in numeric order.
+        let mut many: Vec<(String, String)> = (0..12)
+            .map(|i| {
+                (
+                    format!("SMALLEST_PROXY_LIMITS_CLASS_{i}"),
+                    format!("{{name = \"c{i}\", paths = [\"/c{i}\"]}}"),
+                )
+            })
+            .collect();
+        many.reverse();
+        let c = load_text(None, "", &many).expect("twelve classes");
+        assert_eq!(c.limits.classes()[11].name, "c11");
+
         // An element of the file's array is changed in place.
         let file = "[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/tts\"]\n";
         let c = load_text(
