@@ -149,3 +149,27 @@ fn kubernetes_service_link_variables_do_not_stop_the_proxy() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("environment variable SMALLEST_PROXY_LISTEN_ADRESS: does not name a config key"));
 }
+
+#[test]
+fn service_link_variables_are_logged_at_debug_when_the_proxy_runs() {
+    let (_dir, key) = support::key_dir();
+    let config = support::proxy_config_text("https://127.0.0.1:9", std::path::Path::new("/dev/null"), &key, "")
+        .replace("ca_file = \"/dev/null\"\n", "");
+    let proxy = support::ProxyProcess::spawn(
+        &config,
+        &[
+            ("RUST_LOG", "smallest_proxy=debug"),
+            ("SMALLEST_PROXY_SERVICE_HOST", "10.96.0.12"),
+            ("SMALLEST_PROXY_PORT_8787_TCP_ADDR", "10.96.0.12"),
+        ],
+    );
+    proxy.wait_for_log("SMALLEST_PROXY_SERVICE_HOST", 1, std::time::Duration::from_secs(10));
+    proxy.wait_for_log(
+        "SMALLEST_PROXY_PORT_8787_TCP_ADDR",
+        1,
+        std::time::Duration::from_secs(10),
+    );
+    assert!(proxy
+        .stderr_text()
+        .contains("ignoring a Kubernetes service-link variable"));
+}
