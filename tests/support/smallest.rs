@@ -1,6 +1,7 @@
 //! A stand-in for api.smallest.ai that answers the routes the SDKs call with bodies of the
 //! shapes they parse (TTS audio, SSE events, live-TTS WebSocket frames, transcription, voice
-//! clone, LLM chat), over real TLS from [`super::upstream::TestPki`]. Like Smallest, it answers
+//! clone, LLM chat), over real TLS from [`super::upstream::TestPki`] (HTTP/2 and HTTP/1.1, or
+//! HTTP/1.1 only under `TEST_UPSTREAM_HTTP1=1`, as the other upstreams). Like Smallest, it answers
 //! 401 to any `Authorization` but `Bearer <accepted key>`, and it records the method, path and
 //! `Authorization` of every request and WebSocket handshake so a test can prove the key was
 //! injected by the proxy.
@@ -15,7 +16,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 
-use super::upstream::TestPki;
+use super::upstream::{TestPki, UpstreamOptions};
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
@@ -50,7 +51,13 @@ impl SmallestStandIn {
     /// Listen on a free loopback port, accepting only `Bearer <accepted_key>`.
     pub async fn start(accepted_key: &str) -> SmallestStandIn {
         let pki = TestPki::new();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(&[b"http/1.1"])));
+        // HTTP/2 offered like the other upstreams, unless the suite runs HTTP/1.1 only.
+        let alpn: &[&[u8]] = if UpstreamOptions::default().http2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(alpn)));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
