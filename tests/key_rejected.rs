@@ -177,3 +177,24 @@ fn a_missing_key_file_says_not_found_with_the_path() {
     proxy.wait_for_log(&format!("not found: {}", key.display()), 1, Duration::from_secs(10));
     assert!(!proxy.stderr_text().contains("has not answered"));
 }
+
+/// The binary: a self-hosted licence refusal is one WARN with the code and `expires_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_license_refusal_is_warned_once_with_expires_at() {
+    let upstream = TestUpstream::start().await;
+    let (_dir, key) = key_dir();
+    let config = proxy_config_text(&upstream.url(), &upstream.pki.ca_file, &key, "");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    for _ in 0..3 {
+        assert_eq!(post(&proxy.url("/license-expired")).await.0, 403);
+    }
+    proxy.wait_for_log("LICENSE_EXPIRED", 1, Duration::from_secs(10));
+    let log = proxy.stderr_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("LICENSE_EXPIRED")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("2026-01-31T00:00:00Z"),
+        "{}",
+        warnings[0]
+    );
+}
