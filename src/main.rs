@@ -123,6 +123,12 @@ fn main() -> ExitCode {
                     .map_or("defaults and environment".to_string(), |p| p.display().to_string())
             );
             print!("{}", config.to_toml());
+            if !config.route.is_empty() {
+                println!("\n# routing table (longest prefix first; a prefix matches itself and paths under it)");
+                for line in smallest_proxy::config::routing_table(&config).lines() {
+                    println!("#   {line}");
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),
