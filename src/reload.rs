@@ -162,39 +162,11 @@ async fn start_limits(
     Ok((limiter, store))
 }
 
-/// The `[[route]]`s, each a request path of its own. A route whose key config (and scheme)
-/// did not change keeps its running key store; one whose limits did not change keeps its
-/// limiter. A route's upstream pool is rebuilt, like the default route's.
+/// The `[[route]]`s, each a request path of its own, in config order.
 async fn build_routes(config: &Config, previous: Option<&RunState>, shared: &Shared) -> Result<Router, RunError> {
     let mut routes = Vec::with_capacity(config.route.len());
     for route in &config.route {
-        let name = &route.name;
-        let own = route.as_config(config);
-        let upstream = Upstream::new(&own.upstream).map_err(|e| RunError::Reload(format!("route {name:?}: {e}")))?;
-        let running = previous.and_then(|p| p.routes.routes().iter().find(|r| &r.config.name == name));
-        let keys = match running {
-            Some(r) if r.config.key == route.key && r.config.scheme == route.scheme => r.keys.clone(),
-            _ => start_keys(&own, previous.is_some(), shared)
-                .await
-                .map_err(|e| RunError::Reload(format!("route {name:?}: {e}")))?,
-        };
-        let (limiter, store) = match running {
-            Some(r) if r.config.limits == route.limits => (r.limiter.clone(), r.shared.clone()),
-            _ => {
-                let old = running.map(|r| (r.config.limits.as_ref(), &r.shared));
-                let old = old.and_then(|(limits, store)| limits.map(|l| (l, store)));
-                start_limits(name, &own.limits, old, shared).await?
-            }
-        };
-        let proxy = Proxy::new(upstream, keys.store.clone(), limiter.clone(), Bounds::from_config(&own))
-            .with_tunnels(shared.tunnels.clone());
-        routes.push(Route {
-            config: route.clone(),
-            proxy,
-            keys,
-            limiter,
-            shared: store,
-        });
+        routes.push(build_route(route, config, previous, shared).await?);
     }
     Ok(Router::new(
         routes,
@@ -202,6 +174,42 @@ async fn build_routes(config: &Config, previous: Option<&RunState>, shared: &Sha
         config.auth.scheme.as_str(),
         shared.metrics.clone(),
     ))
+}
+
+/// One route. It keeps the running route's key store when its key config (and scheme) did not
+/// change, and its limiter when its limits did not; its upstream pool is rebuilt, like the
+/// default route's.
+async fn build_route(
+    route: &config::RouteConfig,
+    config: &Config,
+    previous: Option<&RunState>,
+    shared: &Shared,
+) -> Result<Route, RunError> {
+    let name = &route.name;
+    let blame = |e: RunError| RunError::Reload(format!("route {name:?}: {e}"));
+    let own = route.as_config(config);
+    let upstream = Upstream::new(&own.upstream).map_err(|e| blame(e.into()))?;
+    let running = previous.and_then(|p| p.routes.routes().iter().find(|r| &r.config.name == name));
+    let keys = match running {
+        Some(r) if r.config.key == route.key && r.config.scheme == route.scheme => r.keys.clone(),
+        _ => start_keys(&own, previous.is_some(), shared).await.map_err(blame)?,
+    };
+    let (limiter, store) = match running {
+        Some(r) if r.config.limits == route.limits => (r.limiter.clone(), r.shared.clone()),
+        _ => {
+            let old = running.and_then(|r| r.config.limits.as_ref().map(|l| (l, &r.shared)));
+            start_limits(name, &own.limits, old, shared).await.map_err(blame)?
+        }
+    };
+    let proxy = Proxy::new(upstream, keys.store.clone(), limiter.clone(), Bounds::from_config(&own))
+        .with_tunnels(shared.tunnels.clone());
+    Ok(Route {
+        config: route.clone(),
+        proxy,
+        keys,
+        limiter,
+        shared: store,
+    })
 }
 
 /// Re-read the config and swap in a new state; on any error keep the running one.

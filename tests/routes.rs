@@ -656,3 +656,51 @@ async fn the_readme_route_example_runs_as_written() {
     assert_keys_never_crossed(&cloud, &selfhost);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_to_another_route_uses_that_routes_key_and_goes_no_further() {
+    const EU_KEY: &str = "sk-test-eu-Rt5Vb8Nq";
+    let cloud = TestUpstream::start().await;
+    *cloud.state.accepted_key.lock().await = Some(TEST_KEY.to_string());
+    let eu = TestUpstream::start().await;
+    *eu.state.accepted_key.lock().await = Some(EU_KEY.to_string());
+    let selfhost = SelfHost::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (license, eu_key) = (dir.path().join("license-key"), dir.path().join("eu-key"));
+    std::fs::write(&license, LICENSE_KEY).unwrap();
+    std::fs::write(&eu_key, EU_KEY).unwrap();
+    // The EU route falls back to the self-host in turn: a second hop must not be taken.
+    let routes = format!(
+        "{}\n[[route]]\nname = \"cloud-eu\"\npaths = [\"/status\"]\nupstream = \"{}\"\nca_file = \"{}\"\nfallback = \"{ROUTE}\"\n[route.key]\nsource = \"file\"\nfile = \"{}\"\n",
+        route_toml(&selfhost, &license, "").replace("fallback = \"default\"", "fallback = \"cloud-eu\""),
+        eu.url(),
+        eu.pki.ca_file.display(),
+        eu_key.display()
+    );
+    let proxy = TestProxy::start(&cloud, &routes).await;
+    selfhost.stop().await;
+    let (status, body) = post(&proxy.url("/v1/listen/busy"), r#"{"eu":1}"#).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let seen = eu.records();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri.path(), "/v1/listen/busy");
+    assert_eq!(
+        seen[0].headers[header::AUTHORIZATION],
+        format!("Bearer {EU_KEY}").as_str()
+    );
+    assert!(cloud.records().is_empty(), "the default route was not involved");
+    let series = format!("smallest_proxy_route_fallbacks_total{{from=\"{ROUTE}\",to=\"cloud-eu\",reason=\"connect\"}}");
+    assert_eq!(metric(&proxy.url(""), &series).await, 1.0);
+
+    // The EU upstream says 503: the EU route falls back to the self-host, which is down. The
+    // self-host route's own fallback (the EU route again) is not taken: one fallback only.
+    let (status, body) = post(&proxy.url("/status/503"), "{}").await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["code"], "UPSTREAM_UNAVAILABLE");
+    assert_eq!(eu.records().len(), 2, "the EU upstream saw the request once");
+    let back = format!("smallest_proxy_route_fallbacks_total{{from=\"cloud-eu\",to=\"{ROUTE}\",reason=\"503\"}}");
+    assert_eq!(metric(&proxy.url(""), &back).await, 1.0);
+    assert_eq!(metric(&proxy.url(""), &series).await, 1.0, "no second hop");
+    assert!(cloud.records().is_empty());
+    proxy.stop().await;
+}

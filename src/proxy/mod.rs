@@ -5,8 +5,9 @@
 //! request (caller, guard, size limits and path policy run before it, in `server::app`). Each
 //! step lives in its own file: `rewrite` (headers and URI), `resend` (which bodies can be sent
 //! again), `body` (the streamed body types), `upgrade` and `tunnel` (WebSocket), `exchange`
-//! (the access line and request metrics). Errors anywhere become one JSON answer from
-//! [`crate::error`]; upstream answers, errors included, pass through as they are.
+//! (the access line and request metrics), `route` (`[[route]]`s and their fallback). Errors
+//! anywhere become one JSON answer from [`crate::error`]; upstream answers, errors included,
+//! pass through as they are.
 
 pub mod body;
 pub mod exchange;
