@@ -592,6 +592,24 @@ async fn sighup_adding_a_route_takes_effect_and_the_access_line_notes_a_fallback
     proxy.wait_for_log("config reloaded", 2, Duration::from_secs(20));
     let (_, _, ready) = get(&proxy.url("/ready")).await;
     assert_eq!(json(&ready)["routes"].as_array().map(Vec::len), Some(1));
+    let cloud_seen = cloud.records().len();
+    assert_eq!(post(&proxy.url("/v1/listen"), "{}").await.0, 200);
+    assert_eq!(cloud.records().len(), cloud_seen + 1);
+
+    // A new route whose key source yields no key is refused: the running config stays.
+    let keyless = route_toml(&selfhost, std::path::Path::new("/nonexistent/license-key"), "");
+    std::fs::write(proxy.config_path(), format!("{base}{keyless}")).unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_for_log("config reload failed", 1, Duration::from_secs(20));
+    let log = proxy.stderr_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reload failed"))
+        .unwrap_or_default();
+    assert!(line.contains("selfhost-stt"), "the error names the route: {line}");
+    assert!(line.contains("/nonexistent/license-key"), "{line}");
+    assert_eq!(post(&proxy.url("/v1/listen"), "{}").await.0, 200);
+    assert_eq!(cloud.records().len(), cloud_seen + 2, "still the cloud's");
     drop(proxy);
 }
 
