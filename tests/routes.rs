@@ -39,6 +39,17 @@ struct SelfHostState {
     seen: Mutex<Vec<Seen>>,
     /// Requests answered 200; tests wait on it.
     accepted: tokio::sync::watch::Sender<u64>,
+    /// Connections open now; `stop` waits for none.
+    open: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts one open connection until dropped.
+struct Open(Arc<SelfHostState>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.send_modify(|n| *n -= 1);
+    }
 }
 
 /// A self-hosted Smallest server stand-in: plain HTTP/1.1 on loopback. `/health` needs no
@@ -71,7 +82,10 @@ impl SelfHost {
                     _ = accept_stop.cancelled() => return,
                 };
                 let (state, stop) = (accept_state.clone(), accept_stop.clone());
+                state.open.send_modify(|n| *n += 1);
+                let open = Open(state.clone());
                 tokio::spawn(async move {
+                    let _open = open;
                     let held = stop.clone();
                     let service = service_fn(move |req| handle_selfhost(req, state.clone(), held.clone()));
                     let connection =
@@ -95,9 +109,15 @@ impl SelfHost {
         self.state.seen.lock().expect("seen").clone()
     }
 
-    /// Stop accepting and close every connection; waits until a connect is refused.
+    /// Stop accepting and close every connection; returns once every connection is closed
+    /// and a connect is refused.
     async fn stop(&self) {
         self.stop.cancel();
+        let mut open = self.state.open.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), open.wait_for(|n| *n == 0))
+            .await
+            .expect("the self-host's connections closed within 10 s")
+            .expect("watch");
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(self.addr).await.is_err() {
                 return;

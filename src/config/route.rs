@@ -272,6 +272,11 @@ fn check_upstream(route: &RouteConfig) -> Result<(), (String, String)> {
     if url.query().is_some() {
         return bad("must not carry a query string".into());
     }
+    // The config is printed (`check`, `/ready`) and holds no secret: credentials in the URL
+    // would be shown, and the route's key comes from `[route.key]` anyway.
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return bad("must not carry credentials (user:password@); the route's key comes from [route.key]".into());
+    }
     match url.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if route.allow_plaintext || host_is_loopback(url.host().unwrap_or_default()) => Ok(()),
@@ -412,6 +417,9 @@ file = "/run/secrets/license-key"
         let opted_in = text.replace("scheme = \"Token\"", "scheme = \"Token\"\nallow_plaintext = true");
         load(&opted_in).expect("allowed with allow_plaintext");
         load(&SELFHOST.replace("http://127.0.0.1:7100", "https://stt.internal:7100")).expect("https anywhere");
+        let e = load(&SELFHOST.replace("http://127.0.0.1:7100", "https://user:pw@stt.internal")).unwrap_err();
+        assert_eq!(e.key, "route[0].upstream");
+        assert!(!e.message.contains("pw"), "{e}");
     }
 
     #[test]
