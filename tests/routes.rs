@@ -334,6 +334,16 @@ async fn requests_reach_the_route_their_prefix_names_with_that_routes_key_and_sc
         smallest_proxy::keys::fingerprint(LICENSE_KEY)
     );
     assert!(!ready.to_string().contains(LICENSE_KEY) && !ready.to_string().contains(TEST_KEY));
+    // The route's requests are counted under its own class, named after it.
+    let base = s.proxy.url("");
+    let route_class = format!("smallest_proxy_requests_total{{class=\"{ROUTE}\",status=\"200\"}}");
+    wait_metric(&base, &route_class, |v| v == 2.0).await;
+    wait_metric(
+        &base,
+        "smallest_proxy_requests_total{class=\"default\",status=\"200\"}",
+        |v| v == 3.0,
+    )
+    .await;
     s.proxy.stop().await;
 }
 
@@ -740,5 +750,34 @@ async fn a_fallback_to_another_route_uses_that_routes_key_and_goes_no_further() 
     assert_eq!(metric(&proxy.url(""), &back).await, 1.0);
     assert_eq!(metric(&proxy.url(""), &series).await, 1.0, "no second hop");
     assert!(cloud.records().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_route_without_a_key_leaves_the_first_answer_standing() {
+    let cloud = TestUpstream::start().await;
+    let eu = TestUpstream::start().await;
+    let selfhost = SelfHost::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let license = dir.path().join("license-key");
+    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let routes = format!(
+        "{}\n[[route]]\nname = \"cloud-eu\"\npaths = [\"/eu\"]\nupstream = \"{}\"\nca_file = \"{}\"\n[route.key]\nsource = \"file\"\nfile = \"/nonexistent/eu-key\"\n",
+        route_toml(&selfhost, &license, "[route.limits]\nupstream_retries = 0")
+            .replace("fallback = \"default\"", "fallback = \"cloud-eu\""),
+        eu.url(),
+        eu.pki.ca_file.display(),
+    );
+    let proxy = TestProxy::start(&cloud, &routes).await;
+    // The self-host's 503 is the answer, not the key-less fallback's KEY_UNAVAILABLE.
+    let (status, body) = post(&proxy.url("/v1/listen/busy"), "{}").await;
+    assert_eq!(status, 503);
+    assert_eq!(body, &br#"{"error":"overloaded"}"#[..]);
+    assert!(eu.records().is_empty() && cloud.records().is_empty());
+    let (_, _, metrics) = get(&proxy.url("/metrics")).await;
+    assert!(
+        !String::from_utf8_lossy(&metrics).contains("smallest_proxy_route_fallbacks_total{"),
+        "no fallback was counted"
+    );
     proxy.stop().await;
 }
