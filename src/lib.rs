@@ -132,6 +132,20 @@ pub async fn run_with_reload(
         admin = %admin_address,
         "smallest-proxy serving"
     );
+    for route in current.routes.routes() {
+        let status = route.keys.store.status();
+        tracing::info!(
+            route = %route.config.name,
+            paths = ?route.config.paths,
+            upstream = %route.config.upstream,
+            scheme = route.config.scheme.as_str(),
+            key_source = status.source,
+            key_fingerprint = status.fingerprint.as_deref().unwrap_or("none yet"),
+            fallback = route.config.fallback.as_deref().unwrap_or("none"),
+            limits = %route.limiter.describe(),
+            "route"
+        );
+    }
     drop(current);
     // Listening, and the first key fetch has been attempted: tell systemd (Type=notify).
     let key_state = match &status.fingerprint {

@@ -122,6 +122,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             print_check(&config, cli.config.as_deref());
+            if !config.route.is_empty() {
+                println!("# routing table (longest prefix first; a prefix matches itself and paths under it)");
+                for line in smallest_proxy::config::routing_table(&config).lines() {
+                    println!("#   {line}");
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),

@@ -50,6 +50,15 @@ pub struct CallerLabels {
     pub uid: u32,
 }
 
+/// A request a `[[route]]` handed to its fallback: route names (from the config) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub from: String,
+    pub to: String,
+    /// `connect`, `timeout`, `503` or `429`.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `success` or `failure`.
@@ -87,6 +96,7 @@ pub struct Metrics {
     pub request_bytes: Family<ClassLabel, Counter>,
     pub response_bytes: Family<ClassLabel, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub route_fallbacks: Family<FallbackLabels, Counter>,
     /// The key store in use (swapped by a reload that changes `[key]`), read at scrape time.
     pub keys: Arc<KeyMetrics>,
 }
@@ -117,6 +127,7 @@ impl Metrics {
             request_bytes: Family::default(),
             response_bytes: Family::default(),
             config_reloads: Family::default(),
+            route_fallbacks: Family::default(),
             keys: Arc::new(KeyMetrics::default()),
             registry: Registry::default(),
         };
@@ -199,6 +210,11 @@ impl Metrics {
             "config_reloads",
             "Config reloads (SIGHUP), by result",
             metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "route_fallbacks",
+            "Requests a [[route]] sent to its fallback route, by route and reason",
+            metrics.route_fallbacks.clone(),
         );
         // Both results exist from the start, so a failure shows as an increase from 0.
         for result in ["success", "failure"] {

@@ -12,6 +12,9 @@
 //! does not re-fetch the key, and one that only changes the key file keeps the limiter's queues.
 //! A changed `[limits]` gets a fresh limiter: requests admitted before the reload keep their
 //! slots in the old one until they end, so for that long old and new slots both count.
+//! `[[route]]`s are rebuilt the same way, matched by name: a route keeps its key store and
+//! limiter when their config did not change; a new route, like a new `[key]`, must produce a
+//! key before the reload is taken.
 //! What cannot change without a restart (`[listen]`, `[admin]`, `log.format`) is logged at
 //! warn and kept as it is.
 
@@ -19,11 +22,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::DEFAULT_CLASS_NAME;
 use crate::config::{self, Config};
 use crate::keys::{self, KeyRuntime, KeyStore};
 use crate::limits::{self, redis::SharedStore};
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::proxy::exchange::RequestMetrics;
+use crate::proxy::route::{Route, Router};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::{Bounds, Proxy};
 use crate::server::app::{Checks, RunState};
@@ -68,51 +73,24 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
     let checks = Checks::from_config(&config).map_err(RunError::Hardening)?;
     let keys = match previous {
         Some(p) if p.config.key == config.key && p.config.auth == config.auth => p.keys.clone(),
-        _ => {
-            let source = keys::source_from_config(&config).await?;
-            let store = Arc::new(KeyStore::new(source, config.auth.scheme, config.key.max_stale));
-            // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
-            let first = tokio::time::timeout(INITIAL_KEY_WAIT, store.refresh()).await;
-            if previous.is_some() {
-                match first {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(RunError::KeySource(e)),
-                    Err(_) => {
-                        return Err(RunError::Reload(format!(
-                            "the new key source gave no key within {}",
-                            humantime::format_duration(INITIAL_KEY_WAIT)
-                        )))
-                    }
-                }
-            }
-            let stop = shared.run.child_token();
-            let _ = keys::spawn_refresher(store.clone(), config.key.refresh_interval, stop.clone());
-            let watcher = match (&config.key.source, &config.key.file) {
-                (config::KeySourceKind::File, Some(path)) => keys::file::watch(path, store.clone()),
-                _ => None,
-            };
-            Arc::new(KeyRuntime::new(store, stop, watcher))
-        }
+        _ => start_keys(&config, previous.is_some(), shared).await?,
     };
     let (limiter, shared_store) = match previous {
         Some(p) if p.config.limits == config.limits => (p.limiter.clone(), p.shared.clone()),
         _ => {
-            let store = match (&config.limits.shared, previous) {
-                (Some(wanted), Some(p)) if p.config.limits.shared.as_ref() == Some(wanted) => p.shared.clone(),
-                (Some(wanted), _) => {
-                    let store =
-                        SharedStore::start(wanted, shared.metrics.redis_fallbacks.clone()).map_err(RunError::Limits)?;
-                    // Start in shared mode when Redis is there; never hold start-up hostage to it.
-                    store.wait_up(SHARED_LIMITS_WAIT).await;
-                    Some(store)
-                }
-                (None, _) => None,
-            };
-            let limiter = Arc::new(limits::Limiter::new(&config.limits, &shared.metrics, store.clone()));
-            (limiter, store)
+            let running = previous.map(|p| (&p.config.limits, &p.shared));
+            start_limits(DEFAULT_CLASS_NAME, &config.limits, running, shared).await?
         }
     };
-    let request_metrics = RequestMetrics::new(limiter.classes().iter().map(|c| c.name()), &shared.metrics);
+    let routes = build_routes(&config, previous, shared).await?;
+    let request_metrics = RequestMetrics::new(
+        limiter
+            .classes()
+            .iter()
+            .chain(routes.routes().iter().flat_map(|r| r.limiter.classes()))
+            .map(|c| c.name()),
+        &shared.metrics,
+    );
     let proxy = Proxy::new(
         upstream,
         keys.store.clone(),
@@ -128,6 +106,109 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
         limiter,
         shared: shared_store,
         request_metrics,
+        routes,
+    })
+}
+
+/// A key store for `config.key` with its refresher and file watcher, after one bounded first
+/// fetch. At start a source that fails it still serves (`/ready` says why); on reload it is an
+/// error, because swapping in a source with no key would turn working paths into
+/// `KEY_UNAVAILABLE`.
+async fn start_keys(config: &Config, reloading: bool, shared: &Shared) -> Result<Arc<KeyRuntime>, RunError> {
+    let source = keys::source_from_config(config).await?;
+    let store = Arc::new(KeyStore::new(source, config.auth.scheme, config.key.max_stale));
+    // A first fetch before serving, bounded so a dead source cannot hold start-up hostage.
+    let first = tokio::time::timeout(INITIAL_KEY_WAIT, store.refresh()).await;
+    if reloading {
+        match first {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(RunError::KeySource(e)),
+            Err(_) => {
+                return Err(RunError::Reload(format!(
+                    "the new key source gave no key within {}",
+                    humantime::format_duration(INITIAL_KEY_WAIT)
+                )))
+            }
+        }
+    }
+    let stop = shared.run.child_token();
+    let _ = keys::spawn_refresher(store.clone(), config.key.refresh_interval, stop.clone());
+    let watcher = match (&config.key.source, &config.key.file) {
+        (config::KeySourceKind::File, Some(path)) => keys::file::watch(path, store.clone()),
+        _ => None,
+    };
+    Ok(Arc::new(KeyRuntime::new(store, stop, watcher)))
+}
+
+/// A limiter for `limits` whose default class is `name`, reusing the running Redis connection
+/// when `[limits.shared]` did not change.
+async fn start_limits(
+    name: &str,
+    limits: &config::LimitsConfig,
+    running: Option<(&config::LimitsConfig, &Option<Arc<SharedStore>>)>,
+    shared: &Shared,
+) -> Result<(Arc<limits::Limiter>, Option<Arc<SharedStore>>), RunError> {
+    let store = match (&limits.shared, running) {
+        (Some(wanted), Some((old, store))) if old.shared.as_ref() == Some(wanted) => store.clone(),
+        (Some(wanted), _) => {
+            let store = SharedStore::start(wanted, shared.metrics.redis_fallbacks.clone()).map_err(RunError::Limits)?;
+            // Start in shared mode when Redis is there; never hold start-up hostage to it.
+            store.wait_up(SHARED_LIMITS_WAIT).await;
+            Some(store)
+        }
+        (None, _) => None,
+    };
+    let limiter = Arc::new(limits::Limiter::named(name, limits, &shared.metrics, store.clone()));
+    Ok((limiter, store))
+}
+
+/// The `[[route]]`s, each a request path of its own, in config order.
+async fn build_routes(config: &Config, previous: Option<&RunState>, shared: &Shared) -> Result<Router, RunError> {
+    let mut routes = Vec::with_capacity(config.route.len());
+    for route in &config.route {
+        routes.push(build_route(route, config, previous, shared).await?);
+    }
+    Ok(Router::new(
+        routes,
+        &config.upstream.url,
+        config.auth.scheme.as_str(),
+        shared.metrics.clone(),
+    ))
+}
+
+/// One route. It keeps the running route's key store when its key config (and scheme) did not
+/// change, and its limiter when its limits did not; its upstream pool is rebuilt, like the
+/// default route's.
+async fn build_route(
+    route: &config::RouteConfig,
+    config: &Config,
+    previous: Option<&RunState>,
+    shared: &Shared,
+) -> Result<Route, RunError> {
+    let name = &route.name;
+    let blame = |e: RunError| RunError::Reload(format!("route {name:?}: {e}"));
+    let own = route.as_config(config);
+    let upstream = Upstream::new(&own.upstream).map_err(|e| blame(e.into()))?;
+    let running = previous.and_then(|p| p.routes.routes().iter().find(|r| &r.config.name == name));
+    let keys = match running {
+        Some(r) if r.config.key == route.key && r.config.scheme == route.scheme => r.keys.clone(),
+        _ => start_keys(&own, previous.is_some(), shared).await.map_err(blame)?,
+    };
+    let (limiter, store) = match running {
+        Some(r) if r.config.limits == route.limits => (r.limiter.clone(), r.shared.clone()),
+        _ => {
+            let old = running.and_then(|r| r.config.limits.as_ref().map(|l| (l, &r.shared)));
+            start_limits(name, &own.limits, old, shared).await.map_err(blame)?
+        }
+    };
+    let proxy = Proxy::new(upstream, keys.store.clone(), limiter.clone(), Bounds::from_config(&own))
+        .with_tunnels(shared.tunnels.clone());
+    Ok(Route {
+        config: route.clone(),
+        proxy,
+        keys,
+        limiter,
+        shared: store,
     })
 }
 
@@ -191,6 +272,10 @@ pub async fn serve_reloads(state: Arc<arc_swap::ArcSwap<RunState>>, mut source: 
             result: if result.is_ok() { "success" } else { "failure" },
         };
         shared.metrics.config_reloads.get_or_create(&label).inc();
-        state.load().keys.store.request_refresh();
+        let state = state.load();
+        state.keys.store.request_refresh();
+        for route in state.routes.routes() {
+            route.keys.store.request_refresh();
+        }
     }
 }

@@ -25,6 +25,7 @@ mod limits;
 mod listen;
 mod log;
 mod policy;
+mod route;
 mod upstream;
 
 pub use admin::*;
@@ -34,6 +35,7 @@ pub use limits::*;
 pub use listen::*;
 pub use log::*;
 pub use policy::*;
+pub use route::*;
 pub use upstream::*;
 
 /// Environment variable naming the config file, the same as `--config`.
@@ -53,6 +55,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// `[[route]]`: more upstreams, each with its own key, chosen by path prefix.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteConfig>,
 }
 
 /// A failed check: the dotted key path and a sentence saying what is wrong.
@@ -163,6 +168,7 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
             vault.address = vars.iter().find(|(k, _)| k == "VAULT_ADDR").map(|(_, v)| v.clone());
         }
     }
+    route::vault_address_from_env(&mut config.route, vars);
     config.validate().map_err(|(key, message)| ConfigError {
         location: locate(&key),
         key,
@@ -181,7 +187,8 @@ impl Config {
         self.key.validate()?;
         self.limits.validate()?;
         self.admin.validate()?;
-        self.log.validate()
+        self.log.validate()?;
+        route::validate(self)
     }
 }
 
@@ -204,7 +211,10 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
             Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
             None => (*part, None),
         };
-        let (k, item) = table.get_key_value(name)?;
+        // A key that is missing (a required field left out) is blamed on its parent's position.
+        let Some((k, item)) = table.get_key_value(name) else {
+            break;
+        };
         span = k.span().or_else(|| item.span()).or(span);
         let last = i + 1 == parts.len();
         match item {

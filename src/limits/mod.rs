@@ -84,7 +84,20 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(config: &LimitsConfig, metrics: &Metrics, shared: Option<Arc<SharedStore>>) -> Limiter {
-        let default = Arc::new(Class::new(config.default_class(), metrics, shared.clone()));
+        Self::named(crate::config::DEFAULT_CLASS_NAME, config, metrics, shared)
+    }
+
+    /// A limiter whose default class is called `default_class` (a `[[route]]`'s name, so its
+    /// metrics and Redis keys stay apart from the default route's).
+    pub fn named(
+        default_class: &str,
+        config: &LimitsConfig,
+        metrics: &Metrics,
+        shared: Option<Arc<SharedStore>>,
+    ) -> Limiter {
+        let mut default_limits = config.default_class();
+        default_limits.name = default_class.to_string();
+        let default = Arc::new(Class::new(default_limits, metrics, shared.clone()));
         let mut classes = vec![default.clone()];
         let mut prefixes = Vec::new();
         for limits in config.classes() {

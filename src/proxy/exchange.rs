@@ -9,8 +9,8 @@
 //! not a request/response and is counted by `websockets_active` instead.
 //!
 //! Never a header, never the key, never the query string (it may carry secrets): the line holds
-//! method, path, status, duration, bytes in and out, request id, class, queue wait, and the
-//! caller's uid on a Unix socket.
+//! method, path, status, duration, bytes in and out, request id, class, queue wait, the
+//! caller's uid on a Unix socket, and the fallback when a `[[route]]` handed the request on.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -49,6 +49,8 @@ pub struct Exchange {
     queue_wait_us: AtomicU64,
     upstream_us: AtomicU64,
     request_id: OnceLock<String>,
+    /// `from->to (reason)` when a `[[route]]` handed the request to its fallback.
+    fallback: OnceLock<String>,
 }
 
 impl Exchange {
@@ -70,6 +72,7 @@ impl Exchange {
             queue_wait_us: AtomicU64::new(UNSET),
             upstream_us: AtomicU64::new(UNSET),
             request_id: OnceLock::new(),
+            fallback: OnceLock::new(),
         }
     }
 
@@ -97,6 +100,13 @@ impl Exchange {
     pub fn set_request_id(&self, id: &str) {
         if self.access_log {
             let _ = self.request_id.set(id.to_string());
+        }
+    }
+
+    /// The request went to route `to` after route `from` gave it up (access line).
+    pub fn note_fallback(&self, from: &str, to: &str, reason: &str) {
+        if self.access_log {
+            let _ = self.fallback.set(format!("{from}->{to} ({reason})"));
         }
     }
 
@@ -133,6 +143,7 @@ impl Exchange {
             queue_wait_ms = ms(queue_wait_us),
             upstream_ms = ms(upstream_us),
             uid = self.peer_uid,
+            fallback = self.fallback.get().map(String::as_str),
             outcome,
             "access"
         );

@@ -5,14 +5,16 @@
 //! request (caller, guard, size limits and path policy run before it, in `server::app`). Each
 //! step lives in its own file: `rewrite` (headers and URI), `resend` (which bodies can be sent
 //! again), `body` (the streamed body types), `upgrade` and `tunnel` (WebSocket), `exchange`
-//! (the access line and request metrics). Errors anywhere become one JSON answer from
-//! [`crate::error`]; upstream answers, errors included, pass through as they are.
+//! (the access line and request metrics), `route` (`[[route]]`s and their fallback). Errors
+//! anywhere become one JSON answer from [`crate::error`]; upstream answers, errors included,
+//! pass through as they are.
 
 pub mod body;
 pub mod exchange;
 pub mod refusal;
 pub mod resend;
 pub mod rewrite;
+pub mod route;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -32,6 +34,7 @@ use crate::upstream::Upstream;
 use body::{ClientBody, ProxyBody};
 use exchange::Exchange;
 use resend::OutgoingBody;
+use route::{Handover, Hop, Stop};
 
 pub use crate::error::REQUEST_ID_HEADER;
 
@@ -82,6 +85,11 @@ impl Proxy {
         &self.limiter
     }
 
+    /// Whether a request starting now would have a key to send.
+    pub fn has_key(&self) -> bool {
+        self.keys.current().is_some()
+    }
+
     /// Forward one client request; never fails (errors are answered as JSON).
     /// `exchange` is this request's record (access log, metrics): the steps note in it what
     /// only they know.
@@ -95,30 +103,27 @@ impl Proxy {
         // beside its caller's state rather than over it, so inline the request's future was
         // ~13 KiB, allocated and copied per request (and cold at low request rates). Boxed,
         // each part is only as big as itself.
-        let mut response = match Box::pin(self.forward(req, request_id, exchange)).await {
-            Ok(response) => response,
-            Err(err) => {
-                tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
-                err.into_response(request_id)
-            }
-        };
-        if !response.headers().contains_key(REQUEST_ID_HEADER) {
-            if let Ok(id) = HeaderValue::from_str(request_id) {
-                response.headers_mut().insert(REQUEST_ID_HEADER, id);
-            }
-        }
-        response
+        answer(
+            Box::pin(self.forward(req, request_id, exchange, Hop::Only)).await,
+            request_id,
+        )
     }
 
-    async fn forward(
+    /// `hop` says whether this is a route that may hand the request to its fallback
+    /// (`route.rs` decides, and sends it there).
+    pub(crate) async fn forward(
         &self,
         mut req: Request<ClientBody>,
         request_id: &str,
         exchange: &Arc<Exchange>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+        hop: Hop,
+    ) -> Result<Response<ProxyBody>, Stop> {
         // One load: this request (and its tunnel, if any) keeps this key even if it rotates
         // now; only a 401 resend switches it, explicitly.
         let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
+        // What the fallback route needs to send the request as the client sent it: never the
+        // headers rewritten for this route (its Host, its key).
+        let mut handover = (hop == Hop::First).then(|| Handover::keep(&req));
         let websocket = upgrade::is_websocket_upgrade(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
@@ -143,7 +148,9 @@ impl Proxy {
         };
         let (replayable, mut streaming) = match body {
             OutgoingBody::Replayable(bytes) => {
-                exchange.add_request_bytes(bytes.len() as u64);
+                if hop != Hop::Fallback {
+                    exchange.add_request_bytes(bytes.len() as u64);
+                }
                 (Some(bytes), None)
             }
             OutgoingBody::Streaming(incoming) => (None, Some(incoming)),
@@ -186,9 +193,9 @@ impl Proxy {
                     None => ProxyBody::Counted(incoming, exchange.clone()),
                 }),
                 (None, None) => {
-                    return Err(ProxyError::UpstreamUnavailable(
+                    return Err(Stop::Error(ProxyError::UpstreamUnavailable(
                         "the request body was already sent".into(),
-                    ))
+                    )))
                 }
             };
             rewrite::inject_key(&mut attempt_headers, key.authorization());
@@ -201,10 +208,21 @@ impl Proxy {
             let sent_at = std::time::Instant::now();
             let sent = self.upstream.send(upstream_request, websocket).await;
             if body_too_large.load(Ordering::SeqCst) {
-                return Err(ProxyError::PayloadTooLarge(format!(
+                return Err(Stop::Error(ProxyError::PayloadTooLarge(format!(
                     "the request body grew past {} bytes (listen.max_body_size); it was not forwarded whole",
                     self.bounds.max_body_size.unwrap_or_default()
-                )));
+                ))));
+            }
+            // Refused, timed out, 503 or 429: a replayable request goes to the fallback route
+            // at once, before any resend here (route.rs).
+            if let (Some(reason), Some(bytes)) = (route::fallback_reason(&sent), &replayable) {
+                if let Some(kept) = handover.take() {
+                    return Err(Stop::FallBack(Box::new(kept.into_request(
+                        reason,
+                        bytes.clone(),
+                        client_upgrade,
+                    ))));
+                }
             }
             let (response, sent_headers) = sent?;
             headers = sent_headers;
@@ -285,6 +303,24 @@ impl Proxy {
             ProxyBody::Limited(body, Some(permit), idle),
         ))
     }
+}
+
+/// The client's answer: the response, or the error as JSON; with the request id either way.
+pub(crate) fn answer(forwarded: Result<Response<ProxyBody>, Stop>, request_id: &str) -> Response<ProxyBody> {
+    let mut response = match forwarded {
+        Ok(response) => response,
+        Err(stop) => {
+            let err = stop.into_error();
+            tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
+            err.into_response(request_id)
+        }
+    };
+    if !response.headers().contains_key(REQUEST_ID_HEADER) {
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, id);
+        }
+    }
+    response
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh random one.

@@ -2,9 +2,10 @@
 //! up), `/ready` (a key is loaded, so requests can be served) and `/metrics` (Prometheus).
 //!
 //! `/ready` reports the key's source, fingerprint, age and last error: enough for an operator
-//! to see which key is live and why it is not, never the key. It answers 503 `key_rejected`
-//! (or `license_expired` / `quota_exceeded` for a self-hosted server) while the upstream
-//! refuses the key in use.
+//! to see which key is live and why it is not, never the key; and under `routes`, each route
+//! (the default, then every `[[route]]`) with its upstream, scheme, fallback, state and key.
+//! It answers 503 `key_rejected` (or `license_expired` / `quota_exceeded` for a self-hosted
+//! server) while the upstream refuses the default route's key.
 //!
 //! With `[admin] address` set, the three are also served on that separate listener, and
 //! `/metrics` only there: the scrape port can be opened to the cluster without opening the
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
+use crate::proxy::route::Router;
 
 pub const HEALTH_PATH: &str = "/health";
 pub const READY_PATH: &str = "/ready";
@@ -36,7 +38,7 @@ pub fn is_admin_request<B>(req: &Request<B>) -> bool {
     matches!(req.uri().path(), HEALTH_PATH | READY_PATH | METRICS_PATH)
 }
 
-pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Response<ProxyBody> {
+pub fn respond<B>(req: &Request<B>, keys: &KeyStore, routes: &Router, metrics: &Metrics) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let body =
             serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
@@ -54,6 +56,9 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Respo
         }
         _ => {
             let status = keys.status();
+            // Every route, the default first; only the default route's key decides readiness
+            // (a `[[route]]` without a key answers 503 KEY_UNAVAILABLE on its own paths).
+            let routes = routes.status(&status);
             if let Some(rejected) = status.rejected.clone() {
                 let what = match rejected.ready_status() {
                     "key_rejected" => format!(
@@ -72,16 +77,21 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Respo
                     "code": rejected.ready_status().to_ascii_uppercase(),
                     "rejections": rejected.count,
                     "key": status,
+                    "routes": routes,
                 });
                 json(StatusCode::SERVICE_UNAVAILABLE, &body)
             } else if status.ready {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready", "key": status}))
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready", "key": status, "routes": routes}),
+                )
             } else {
                 let body = serde_json::json!({
                     "status": "not_ready",
                     "error": "no API key is loaded yet",
                     "code": "KEY_UNAVAILABLE",
                     "key": status,
+                    "routes": routes,
                 });
                 json(StatusCode::SERVICE_UNAVAILABLE, &body)
             }

@@ -1,7 +1,8 @@
 //! What every client connection serves from: the per-run state a request loads once
 //! ([`RunState`], replaced whole by a reload), and [`App::handle`], the one gate every request
 //! passes in order before the request path sees it: caller (uid), admin endpoints, then the
-//! [`Checks`] (guard, size limits, local token, path policy), then `proxy::Proxy::handle`.
+//! [`Checks`] (guard, size limits, local token, path policy), then `proxy::Proxy::handle`, or
+//! the `[[route]]` that claims the path (`proxy::route::Router`).
 //!
 //! The checks run here, on the client side, so the request path below only ever sees a request
 //! the proxy has agreed to forward.
@@ -23,6 +24,7 @@ use crate::limits::{redis::SharedStore, Limiter};
 use crate::metrics::Metrics;
 use crate::proxy::body::{ClientBody, ProxyBody};
 use crate::proxy::exchange::{Exchange, ObservedBody, RequestMetrics};
+use crate::proxy::route::Router;
 use crate::proxy::{self, Proxy};
 
 /// Everything a request needs that a reload may replace.
@@ -35,6 +37,8 @@ pub struct RunState {
     /// Kept so a reload that leaves `[limits.shared]` alone reuses the Redis connection.
     pub shared: Option<Arc<SharedStore>>,
     pub request_metrics: RequestMetrics,
+    /// `[[route]]`s: paths they claim go through them instead of `proxy`.
+    pub routes: Router,
 }
 
 /// The client side's checks on a request, from `[listen]` and `[policy]`.
@@ -104,13 +108,18 @@ impl App {
             let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
                 admin::metrics_elsewhere()
             } else {
-                admin::respond(&req, &state.keys.store, &self.metrics)
+                admin::respond(&req, &state.keys.store, &state.routes, &self.metrics)
             };
             // Probes and scrapes are not API traffic: no access line, no request metrics.
             let (parts, body) = response.into_parts();
             return Response::from_parts(parts, ObservedBody::new(body, StatusCode::OK, None));
         }
-        let class = state.limiter.class_for(req.uri().path()).name();
+        let route = state.routes.route_for(req.uri().path());
+        let class = state
+            .routes
+            .limiter(route, &state.limiter)
+            .class_for(req.uri().path())
+            .name();
         let exchange = Arc::new(Exchange::new(
             req.method().clone(),
             req.uri().path(),
@@ -122,7 +131,15 @@ impl App {
         let request_id = proxy::request_id(&req);
         exchange.set_request_id(&request_id);
         let response = match state.checks.check(&mut req, conn.transport) {
-            Ok(()) => state.proxy.handle(req, &request_id, &exchange).await,
+            Ok(()) => match route {
+                Some(route) => {
+                    state
+                        .routes
+                        .handle(route, &state.proxy, req, &request_id, &exchange)
+                        .await
+                }
+                None => state.proxy.handle(req, &request_id, &exchange).await,
+            },
             Err(err) => {
                 tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
                 err.into_response(&request_id)
@@ -138,6 +155,7 @@ impl App {
         if !admin::is_admin_request(req) {
             return admin::not_found();
         }
-        admin::respond(req, &self.state.load().keys.store, &self.metrics)
+        let state = self.state.load();
+        admin::respond(req, &state.keys.store, &state.routes, &self.metrics)
     }
 }

@@ -138,6 +138,15 @@ impl Upstream {
     }
 }
 
+/// How a connection that could not be made is described (see [`is_connect_failure`]).
+const CONNECT_FAILED: &str = "cannot connect to";
+
+/// Whether `err` says no connection could be made at all (refused, unreachable, DNS), as
+/// opposed to one lost mid-exchange: only then is it certain the upstream saw nothing.
+pub fn is_connect_failure(err: &ProxyError) -> bool {
+    matches!(err, ProxyError::UpstreamUnavailable(message) if message.starts_with(CONNECT_FAILED))
+}
+
 /// Map a client error to the proxy's table: TLS failures, timeouts, and everything else that
 /// means "could not get an answer" (refused, reset, DNS).
 fn classify(err: &(dyn StdError + 'static), is_connect: bool, base: &UpstreamBase) -> ProxyError {
@@ -162,7 +171,7 @@ fn classify(err: &(dyn StdError + 'static), is_connect: bool, base: &UpstreamBas
         };
     }
     let what = if is_connect {
-        "cannot connect to"
+        CONNECT_FAILED
     } else {
         "lost the connection to"
     };
