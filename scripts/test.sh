@@ -49,6 +49,17 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+# macOS: no Mac and no Apple SDK here, so both Apple targets are compile-checked (clippy, so a
+# macOS-only warning fails too); linking needs Apple's frameworks and is not tried. ring and
+# mimalloc compile C in their build scripts: Zig's clang (scripts/zig-cc, Zig from the ziglang
+# package in .venv) stands in for Apple's.
+for target in aarch64-apple-darwin x86_64-apple-darwin; do
+  echo "==> cargo clippy --target $target"
+  rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+  var=${target//-/_}
+  env "CC_$var=$root/scripts/zig-cc" "AR_$var=$root/scripts/zig-ar" ZIG_CC_TARGET="${target%%-*}-macos" \
+    cargo clippy --all-targets --quiet --target "$target" -- -D warnings
+done
 # The cargo-fuzz targets (fuzz/, their own workspace) share the differential harness with
 # tests/differential.rs: compile them so they cannot rot (running them needs cargo-fuzz).
 echo "==> cargo check fuzz/"

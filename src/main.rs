@@ -266,11 +266,15 @@ fn init_logging(config: &Config) -> LogControl {
     }
 }
 
-/// A same-uid process must not read the key from our memory or a core dump.
+/// A same-uid process must not read the key from our memory or a core dump: not dumpable on
+/// Linux (no ptrace attach, no /proc/PID/mem), `PT_DENY_ATTACH` on macOS (no debugger attach).
 fn harden_process() {
     // SAFETY: plain syscalls with constant arguments; failure only means less hardening.
     unsafe {
+        #[cfg(target_os = "linux")]
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        #[cfg(target_os = "macos")]
+        libc::ptrace(libc::PT_DENY_ATTACH, 0, std::ptr::null_mut(), 0);
         let zero = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
