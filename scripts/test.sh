@@ -17,6 +17,12 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# tests/keys_keyring.rs: a real Secret Service (GNOME Keyring) on a private D-Bus session bus,
+# `gdbus wait` to know it is up, and libsecret's secret-tool to look at what was stored.
+command -v gnome-keyring-daemon >/dev/null 2>&1 || need_apt+=(gnome-keyring)
+command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
+command -v secret-tool >/dev/null 2>&1 || need_apt+=(libsecret-tools)
+command -v gdbus >/dev/null 2>&1 || need_apt+=(libglib2.0-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""

@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
+use smallest_proxy::keys::{fingerprint, keyring};
 use smallest_proxy::reload::{LogControl, ReloadSource, SetLogLevel};
 use smallest_proxy::Listeners;
 use std::path::PathBuf;
@@ -101,6 +102,27 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// The key in the OS keychain (`[key] source = "keyring"`), and the configured key's status.
+    Key {
+        #[command(subcommand)]
+        action: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Store the key in the OS keychain, read from standard input (never from the command line;
+    /// not echoed on a terminal), and print its fingerprint.
+    Set {
+        /// Keychain service name; default: [key.keyring] service, or "smallest-proxy".
+        #[arg(long)]
+        service: Option<String>,
+        /// Keychain account name; default: [key.keyring] account, or "default".
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Print the configured key source and the fingerprint of the key it holds now.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +148,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),
+        Command::Key {
+            action: KeyCommand::Set { service, account },
+        } => key_set(&config, service, account),
+        Command::Key {
+            action: KeyCommand::Status,
+        } => key_status(&config),
         Command::Run => {
             if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty())
             {
@@ -280,6 +308,100 @@ fn harden_process() {
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
+}
+
+/// `smallest-proxy key set`: the key from standard input into the OS keychain.
+fn key_set(config: &Config, service: Option<String>, account: Option<String>) -> ExitCode {
+    let mut entry = config.key.keyring_entry();
+    if let Some(service) = service {
+        entry.service = service;
+    }
+    if let Some(account) = account {
+        entry.account = account;
+    }
+    let input = match read_key_input() {
+        Ok(input) => input,
+        Err(e) => {
+            eprintln!("error: reading the key from standard input: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let value = secrecy::SecretString::from(input.trim_end_matches(['\n', '\r']).to_string());
+    drop(input);
+    let where_ = keyring::describe(&entry);
+    if let Err(e) = keyring::store(&entry, &value) {
+        eprintln!("error: the key was not stored: {e}");
+        return ExitCode::from(1);
+    }
+    // Read it back: a keychain that accepted the write but serves something else is caught here.
+    let stored = keyring::read(&entry).map(|v| fingerprint(secrecy::ExposeSecret::expose_secret(&v)));
+    let written = fingerprint(secrecy::ExposeSecret::expose_secret(&value));
+    match stored {
+        Ok(read_back) if read_back == written => {
+            println!("stored the key in the OS keychain ({where_}); fingerprint {written}");
+        }
+        Ok(_) => {
+            eprintln!("error: the keychain ({where_}) returns a different value than was stored");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: the key was stored but cannot be read back: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if config.key.source != KeySourceKind::Keyring {
+        println!("the proxy reads it with [key] source = \"keyring\" (or SMALLEST_PROXY_KEY_SOURCE=keyring; `smallest-proxy service install` sets it)");
+    } else if entry != config.key.keyring_entry() {
+        println!(
+            "note: the config reads {}, not this entry",
+            keyring::describe(&config.key.keyring_entry())
+        );
+    }
+    println!("a running proxy picks it up on SIGHUP, its next refresh (key.refresh_interval) or the next 401");
+    ExitCode::SUCCESS
+}
+
+/// The key's text: hidden input on a terminal, otherwise everything on standard input.
+fn read_key_input() -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::io::{IsTerminal, Read};
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("Smallest API key (input hidden): ").map(zeroize::Zeroizing::new);
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::io::stdin().read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// `smallest-proxy key status`: the configured source, and the fingerprint of its key now.
+fn key_status(config: &Config) -> ExitCode {
+    println!("source: {}", smallest_proxy::keys::describe_source(&config.key));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let source = smallest_proxy::keys::source_from_config(config).await?;
+        let value = source.fetch().await?;
+        smallest_proxy::keys::ApiKey::new(value, config.auth.scheme)
+    });
+    match result {
+        Ok(key) => {
+            println!("fingerprint: {}", key.fingerprint());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("fingerprint: none");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

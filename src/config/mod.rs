@@ -194,6 +194,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "key.vault",
     "key.vault.auth",
     "key.aws",
+    "key.keyring",
     "policy",
     "log",
     "admin",

@@ -1,0 +1,365 @@
+//! `source = "keyring"` and `smallest-proxy key set|status`, against a real GNOME Keyring
+//! (`gnome-keyring-daemon`, the freedesktop Secret Service) on a private D-Bus session bus,
+//! unlocked with a test password: set from standard input, read by the proxy and injected,
+//! rotation under load (by `key set`, the 401 path), SIGHUP and the periodic refresh, the key
+//! absent from trace-level logs, and `key status`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use support::*;
+
+const HOW_TO_GET: &str = "run ./scripts/test.sh, or: apt-get install gnome-keyring dbus libsecret-tools libglib2.0-bin";
+
+fn require(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{tool} is missing (the keyring tests need a real Secret Service): {HOW_TO_GET}"
+    );
+}
+
+/// A private D-Bus session bus with GNOME Keyring's Secret Service on it, both children of
+/// this test, in a throwaway HOME (so the keyring files live in a temporary directory).
+struct KeyringSession {
+    dir: tempfile::TempDir,
+    bus: String,
+    dbus: Child,
+    keyring: Child,
+}
+
+impl KeyringSession {
+    fn start() -> KeyringSession {
+        for tool in ["dbus-daemon", "gnome-keyring-daemon", "gdbus", "secret-tool"] {
+            require(tool);
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("runtime dir mode");
+        let mut dbus = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .env("HOME", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting dbus-daemon: {e}: {HOW_TO_GET}"));
+        // The bus prints its address once it listens.
+        let mut bus = String::new();
+        BufReader::new(dbus.stdout.take().expect("dbus stdout"))
+            .read_line(&mut bus)
+            .expect("dbus-daemon's address");
+        let bus = bus.trim().to_string();
+        assert!(bus.starts_with("unix:"), "dbus-daemon printed no address: {bus:?}");
+        let mut keyring = Command::new("gnome-keyring-daemon")
+            .args(["--foreground", "--unlock", "--components=secrets"])
+            .env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting gnome-keyring-daemon: {e}: {HOW_TO_GET}"));
+        // The unlock password on standard input, then EOF.
+        let mut stdin = keyring.stdin.take().expect("keyring stdin");
+        stdin.write_all(b"testpw").expect("unlock password");
+        drop(stdin);
+        let session = KeyringSession {
+            dir,
+            bus,
+            dbus,
+            keyring,
+        };
+        // `gdbus wait` returns when the Secret Service's name is on the bus: the ready signal.
+        let waited = Command::new("gdbus")
+            .args(["wait", "--session", "--timeout", "30", "org.freedesktop.secrets"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &session.bus)
+            .output()
+            .expect("gdbus wait");
+        assert!(
+            waited.status.success(),
+            "the Secret Service did not appear on the bus: {}",
+            String::from_utf8_lossy(&waited.stderr)
+        );
+        session
+    }
+
+    /// The environment a process in this desktop session has.
+    fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DBUS_SESSION_BUS_ADDRESS", self.bus.clone()),
+            ("HOME", self.dir.path().display().to_string()),
+        ]
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env_remove("SMALLEST_API_KEY")
+            .env_remove("SMALLEST_PROXY_CONFIG")
+            .env_remove("RUST_LOG");
+        for (k, v) in self.envs() {
+            command.env(k, v);
+        }
+        command
+    }
+
+    /// `smallest-proxy ARGS` with `input` on standard input.
+    fn proxy_cli(&self, args: &[&str], input: &str, envs: &[(&str, &str)]) -> Output {
+        let mut command = self.command(binary());
+        command
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("run smallest-proxy");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("smallest-proxy output")
+    }
+
+    fn key_set(&self, value: &str) {
+        let out = self.proxy_cli(&["key", "set"], &format!("{value}\n"), &[]);
+        assert!(
+            out.status.success(),
+            "key set: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What `secret-tool` (libsecret, the desktop's own client) finds for the entry.
+    fn lookup(&self, service: &str, account: &str) -> Output {
+        self.command("secret-tool")
+            .args(["lookup", "service", service, "username", account])
+            .output()
+            .expect("secret-tool")
+    }
+
+    /// `key set` from inside an async test (the rotation scenario writes keys under a lock).
+    async fn key_set_async(&self, value: String) {
+        let mut command = tokio::process::Command::new(binary());
+        command
+            .args(["key", "set"])
+            .env_remove("SMALLEST_PROXY_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in self.envs() {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("run key set");
+        let mut stdin = child.stdin.take().expect("stdin");
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("{value}\n").as_bytes())
+            .await
+            .expect("write the key");
+        drop(stdin);
+        let out = child.wait_with_output().await.expect("key set");
+        assert!(
+            out.status.success(),
+            "key set: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for KeyringSession {
+    fn drop(&mut self) {
+        for child in [&mut self.keyring, &mut self.dbus] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn keyring_proxy_config(upstream: &TestUpstream, extra: &str) -> String {
+    proxy_config_text(
+        &upstream.url(),
+        &upstream.pki.ca_file,
+        std::path::Path::new("/unused"),
+        &format!("[key]\nsource = \"keyring\"\n{extra}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_set_then_the_proxy_injects_it_and_rotation_under_load_loses_nothing() {
+    let session = KeyringSession::start();
+    let first = "sk-keyring-Hw3nB8qLx2Vd";
+    let out = session.proxy_cli(&["key", "set"], &format!("{first}\n"), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("fingerprint {}", smallest_proxy::keys::fingerprint(first))),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(first) && !String::from_utf8_lossy(&out.stderr).contains(first));
+
+    let upstream = TestUpstream::start().await;
+    let envs = session.envs();
+    let mut process_envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    process_envs.push(("RUST_LOG", "trace"));
+    let proxy = ProxyProcess::spawn(&keyring_proxy_config(&upstream, ""), &process_envs);
+    let ready = wait_ready_at(&proxy.url("/ready"), "ready", |s, _| s == 200).await;
+    assert_eq!(ready["key"]["source"], "keyring");
+    let (status, _, _) = get(&proxy.url("/waves/v1/lightning/get_voices")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        upstream.records()[0].headers["authorization"],
+        format!("Bearer {first}").as_str()
+    );
+
+    // Each rotation is a `key set`; the upstream accepts only the new key from that moment, so
+    // in-flight requests meet a 401 and the proxy re-reads the keyring and resends.
+    rotation::rotate_under_load(&proxy.url(""), &upstream, first, |key| session.key_set_async(key)).await;
+    let (_, _, ready) = get(&proxy.url("/ready")).await;
+    assert_eq!(json(&ready)["key"]["rotations"], rotation::ROTATIONS);
+
+    let log = proxy.stderr_text();
+    assert!(log.contains("TRACE"), "not a trace-level log");
+    assert!(
+        log.contains("zbus"),
+        "the D-Bus client's own trace lines are in the log too"
+    );
+    assert!(!log.contains(first), "the first key appears in the log");
+    assert!(!log.contains("sk-rotated-"), "a rotated key appears in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_the_refresh_interval_reread_the_keyring() {
+    let session = KeyringSession::start();
+    session.key_set("sk-keyring-before-hup");
+    let upstream = TestUpstream::start().await;
+    let envs = session.envs();
+    let process_envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let proxy = ProxyProcess::spawn(&keyring_proxy_config(&upstream, ""), &process_envs);
+    let fp = smallest_proxy::keys::fingerprint;
+    wait_ready_at(&proxy.url("/ready"), "the first key", |_, r| {
+        r["key"]["fingerprint"] == fp("sk-keyring-before-hup").as_str()
+    })
+    .await;
+    // No request is sent and refresh_interval is 5 minutes: only the SIGHUP can bring it in.
+    session.key_set("sk-keyring-after-hup");
+    proxy.signal(libc::SIGHUP);
+    wait_ready_at(&proxy.url("/ready"), "the key after SIGHUP", |_, r| {
+        r["key"]["fingerprint"] == fp("sk-keyring-after-hup").as_str()
+    })
+    .await;
+    drop(proxy);
+
+    // With a short refresh_interval, a new value arrives with no signal and no request.
+    let proxy = ProxyProcess::spawn(
+        &keyring_proxy_config(&upstream, "refresh_interval = \"1s\"\n"),
+        &process_envs,
+    );
+    session.key_set("sk-keyring-periodic");
+    wait_ready_at(&proxy.url("/ready"), "the periodically re-read key", |_, r| {
+        r["key"]["fingerprint"] == fp("sk-keyring-periodic").as_str()
+    })
+    .await;
+}
+
+#[test]
+fn key_status_prints_the_source_and_the_fingerprint() {
+    let session = KeyringSession::start();
+    let env = [("SMALLEST_PROXY_KEY_SOURCE", "keyring")];
+    // Nothing stored yet: a clear answer naming the entry and the command that fills it.
+    let out = session.proxy_cli(&["key", "status"], "", &env);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no entry") && stderr.contains("smallest-proxy key set"),
+        "{stderr}"
+    );
+
+    session.key_set("sk-keyring-status-Tq9");
+    let out = session.proxy_cli(&["key", "status"], "", &env);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        format!(
+            "source: keyring (service \"smallest-proxy\", account \"default\")\nfingerprint: {}\n",
+            smallest_proxy::keys::fingerprint("sk-keyring-status-Tq9")
+        )
+    );
+    // The desktop's own tools see the same entry.
+    let found = session.lookup("smallest-proxy", "default");
+    assert_eq!(String::from_utf8_lossy(&found.stdout), "sk-keyring-status-Tq9");
+
+    // Another entry, chosen on the command line for `set` and in the config for the proxy.
+    let out = session.proxy_cli(
+        &["key", "set", "--service", "work", "--account", "ci"],
+        "sk-keyring-other-entry",
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[key]\nsource = \"keyring\"\n[key.keyring]\nservice = \"work\"\naccount = \"ci\"\n",
+    )
+    .unwrap();
+    let out = session.proxy_cli(&["--config", config.to_str().unwrap(), "key", "status"], "", &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("service \"work\", account \"ci\"")
+            && stdout.contains(&smallest_proxy::keys::fingerprint("sk-keyring-other-entry")),
+        "{stdout}"
+    );
+    // The default entry was left alone.
+    assert_eq!(
+        String::from_utf8_lossy(&session.lookup("smallest-proxy", "default").stdout),
+        "sk-keyring-status-Tq9"
+    );
+}
+
+#[test]
+fn key_set_refuses_a_bad_value_and_takes_no_key_from_the_command_line() {
+    let session = KeyringSession::start();
+    for bad in ["sk-two words", "", "sk-evil\r\nX-Injected: 1"] {
+        let out = session.proxy_cli(&["key", "set"], bad, &[]);
+        assert_eq!(out.status.code(), Some(1), "{bad:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("the key was not stored"), "{stderr}");
+        assert!(!stderr.contains("sk-"), "the value is echoed: {stderr}");
+    }
+    assert!(
+        !session.lookup("smallest-proxy", "default").status.success(),
+        "a refused value was stored"
+    );
+    // A key on the command line is a usage error: it would sit in shell history and `ps`.
+    let out = session.proxy_cli(&["key", "set", "sk-on-argv"], "", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!session.lookup("smallest-proxy", "default").status.success());
+}
+
+#[test]
+fn without_a_secret_service_the_error_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!("unix:path={}", dir.path().join("no-bus").display());
+    let out = Command::new(binary())
+        .args(["key", "status"])
+        .env("SMALLEST_PROXY_KEY_SOURCE", "keyring")
+        .env("DBUS_SESSION_BUS_ADDRESS", &nowhere)
+        .env_remove("SMALLEST_PROXY_CONFIG")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("keyring reading service \"smallest-proxy\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Secret Service"), "{stderr}");
+}
