@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
 use smallest_proxy::keys::{fingerprint, keyring};
 use smallest_proxy::reload::{LogControl, ReloadSource, SetLogLevel};
+use smallest_proxy::service::{FileState, Manager};
 use smallest_proxy::Listeners;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -107,6 +108,11 @@ enum Command {
         #[command(subcommand)]
         action: KeyCommand,
     },
+    /// The per-user service: a launchd agent on macOS, a systemd user unit on Linux.
+    Service {
+        #[command(subcommand)]
+        action: ServiceCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +129,42 @@ enum KeyCommand {
     },
     /// Print the configured key source and the fingerprint of the key it holds now.
     Status,
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the service files for the current user (and only those) and say how to start them.
+    Install {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+    /// Remove exactly the files `service install` wrote.
+    Uninstall {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+    /// Show which service files are installed and whether the service manager runs them
+    /// (exit 0 when installed, 3 when not).
+    Status {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+}
+
+/// Which service manager's files (default: this OS's).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ManagerArg {
+    Launchd,
+    Systemd,
+}
+
+impl ManagerArg {
+    fn native() -> ManagerArg {
+        match Manager::native() {
+            Manager::Launchd => ManagerArg::Launchd,
+            Manager::Systemd => ManagerArg::Systemd,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -154,6 +196,7 @@ fn main() -> ExitCode {
         Command::Key {
             action: KeyCommand::Status,
         } => key_status(&config),
+        Command::Service { action } => service(action, cli.config.as_deref()),
         Command::Run => {
             if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty())
             {
@@ -402,6 +445,145 @@ fn key_status(config: &Config) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `smallest-proxy service install|uninstall|status`.
+fn service(action: ServiceCommand, config_path: Option<&std::path::Path>) -> ExitCode {
+    let manager = match action {
+        ServiceCommand::Install { manager }
+        | ServiceCommand::Uninstall { manager }
+        | ServiceCommand::Status { manager } => manager,
+    };
+    let target = match service_target(manager, config_path) {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match action {
+        ServiceCommand::Install { .. } => match smallest_proxy::service::install(&target) {
+            Ok(written) => {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+                println!("start it: {}", target.start_hint());
+                println!("then apps call http://127.0.0.1:8787 with no key of their own");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        ServiceCommand::Uninstall { .. } => match smallest_proxy::service::uninstall(&target) {
+            Ok(removed) if removed.is_empty() => {
+                println!("nothing to remove: no file written by `smallest-proxy service install` is there");
+                ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for path in removed {
+                    println!("removed {}", path.display());
+                }
+                if target.manager == Manager::Launchd {
+                    println!("if the agent is still loaded: {}", target.stop_hint());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        ServiceCommand::Status { .. } => {
+            let mut all = true;
+            for (path, _) in target.files() {
+                let state = smallest_proxy::service::file_state(&path);
+                all &= state == FileState::Installed;
+                let said = match state {
+                    FileState::Installed => "installed",
+                    FileState::Foreign => "present, not written by `service install`",
+                    FileState::Absent => "not installed",
+                };
+                println!("{}: {said}", path.display());
+            }
+            println!("service manager: {}", manager_state(target.manager));
+            if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+    }
+}
+
+fn service_target(
+    manager: ManagerArg,
+    config_path: Option<&std::path::Path>,
+) -> Result<smallest_proxy::service::Target, String> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .ok_or("HOME is not set: the service files go under the user's home directory")?;
+    let binary = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|e| format!("cannot tell where this binary is: {e}"))?;
+    let config = match config_path {
+        Some(path) => Some(std::fs::canonicalize(path).map_err(|e| format!("config file {}: {e}", path.display()))?),
+        None => None,
+    };
+    Ok(smallest_proxy::service::Target {
+        manager: match manager {
+            ManagerArg::Launchd => Manager::Launchd,
+            ManagerArg::Systemd => Manager::Systemd,
+        },
+        home,
+        xdg_config_home: std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
+        binary,
+        config,
+    })
+}
+
+/// What the service manager says about the service, in a few words.
+fn manager_state(manager: Manager) -> String {
+    let output = match manager {
+        Manager::Systemd => std::process::Command::new("systemctl")
+            .args(["--user", "is-active", "smallest-proxy.socket", "smallest-proxy.service"])
+            .output(),
+        Manager::Launchd => {
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            std::process::Command::new("launchctl")
+                .args([
+                    "print",
+                    &format!("gui/{uid}/{}", smallest_proxy::service::LAUNCHD_LABEL),
+                ])
+                .output()
+        }
+    };
+    match (manager, output) {
+        (_, Err(e)) => format!("not asked ({e})"),
+        (Manager::Systemd, Ok(out)) => {
+            let states: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            match states.as_slice() {
+                [socket, service] => format!("socket {socket}, service {service}"),
+                _ => format!(
+                    "not reachable ({})",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .next()
+                        .unwrap_or("no answer")
+                ),
+            }
+        }
+        (Manager::Launchd, Ok(out)) if out.status.success() => "loaded".into(),
+        (Manager::Launchd, Ok(_)) => "not loaded".into(),
     }
 }
 
