@@ -191,3 +191,59 @@ fn without_a_secret_service_the_error_says_what_is_missing() {
     );
     assert!(stderr.contains("Secret Service"), "{stderr}");
 }
+
+/// On a terminal `key set` prompts and reads with echo off: what is typed never appears on the
+/// screen. Python's pty module gives the command a real terminal (its controlling tty).
+#[test]
+fn key_set_on_a_terminal_does_not_echo_the_key() {
+    let session = KeyringSession::start();
+    let python = python_with("pty, os");
+    let script = r#"
+import os, pty, sys
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], [sys.argv[1], "key", "set"])
+seen = b""
+def read_until(marker):
+    global seen
+    while marker not in seen:
+        chunk = os.read(fd, 1024)
+        if not chunk:
+            break
+        seen += chunk
+read_until(b"(input hidden)")
+os.write(fd, b"sk-typed-on-a-tty-Pz4\n")
+try:
+    while True:
+        chunk = os.read(fd, 1024)
+        if not chunk:
+            break
+        seen += chunk
+except OSError:
+    pass
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(seen.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let out = session
+        .command(&python)
+        .args(["-c", script, binary()])
+        .output()
+        .expect("python pty");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{screen}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(screen.contains("Smallest API key (input hidden): "), "{screen}");
+    assert!(
+        screen.contains(&smallest_proxy::keys::fingerprint("sk-typed-on-a-tty-Pz4")),
+        "{screen}"
+    );
+    assert!(!screen.contains("sk-typed"), "the key was echoed: {screen}");
+    assert_eq!(
+        String::from_utf8_lossy(&session.lookup("smallest-proxy", "default").stdout),
+        "sk-typed-on-a-tty-Pz4"
+    );
+}
