@@ -405,15 +405,52 @@ fn key_set(config: &Config, service: Option<String>, account: Option<String>) ->
     ExitCode::SUCCESS
 }
 
-/// The key's text: hidden input on a terminal, otherwise everything on standard input.
+/// The key's text: one line typed with echo off on a terminal, otherwise everything on
+/// standard input.
 fn read_key_input() -> std::io::Result<zeroize::Zeroizing<String>> {
-    use std::io::{IsTerminal, Read};
-    if std::io::stdin().is_terminal() {
-        return rpassword::prompt_password("Smallest API key (input hidden): ").map(zeroize::Zeroizing::new);
-    }
+    use std::io::{BufRead, IsTerminal, Read};
     let mut text = zeroize::Zeroizing::new(String::new());
-    std::io::stdin().read_to_string(&mut text)?;
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    let _quiet = EchoOff::new()?;
+    eprint!("Smallest API key (input hidden): ");
+    std::io::stdin().lock().read_line(&mut text)?;
     Ok(text)
+}
+
+/// The terminal on standard input with echo off (the newline still echoed, so what follows
+/// starts on its own line) until dropped. Written here rather than taken from `rpassword`,
+/// which prints its prompt before it turns echo off: a key typed or pasted in between is shown.
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> std::io::Result<EchoOff> {
+        // SAFETY: tcgetattr fills the zeroed termios we own; tcsetattr reads it.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut quiet = saved;
+            quiet.c_lflag &= !libc::ECHO;
+            quiet.c_lflag |= libc::ECHONL;
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &quiet) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `new`.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
+        }
+    }
 }
 
 /// `smallest-proxy key status`: the configured source, and the fingerprint of its key now.
