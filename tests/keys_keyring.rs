@@ -247,3 +247,31 @@ sys.exit(os.waitstatus_to_exitcode(status))
         "sk-typed-on-a-tty-Pz4"
     );
 }
+
+/// The container's static musl binary (built by scripts/test.sh) speaks to the Secret Service
+/// too: its D-Bus client is pure Rust, with no libdbus to link.
+#[test]
+fn the_static_musl_binary_stores_and_reads_the_keyring() {
+    let path = std::env::var("TEST_STATIC_PROXY_BINARY").unwrap_or_else(|_| {
+        panic!("TEST_STATIC_PROXY_BINARY is not set: run ./scripts/test.sh, which builds the static musl binary")
+    });
+    assert!(
+        std::path::Path::new(&path).is_file(),
+        "{path} is missing: run ./scripts/test.sh"
+    );
+    let session = KeyringSession::start();
+    let out = session.cli(&path, &["key", "set"], "sk-static-Ub7Nc1\n", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = session.cli(
+        &path,
+        &["key", "status"],
+        "",
+        &[("SMALLEST_PROXY_KEY_SOURCE", "keyring")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&smallest_proxy::keys::fingerprint("sk-static-Ub7Nc1")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -109,7 +109,12 @@ impl KeyringSession {
 
     /// `smallest-proxy ARGS` with `input` on standard input.
     pub fn proxy_cli(&self, args: &[&str], input: &str, envs: &[(&str, &str)]) -> Output {
-        let mut command = self.command(binary());
+        self.cli(binary(), args, input, envs)
+    }
+
+    /// `program ARGS` (a smallest-proxy binary) with `input` on standard input.
+    pub fn cli(&self, program: &str, args: &[&str], input: &str, envs: &[(&str, &str)]) -> Output {
+        let mut command = self.command(program);
         command
             .args(args)
             .envs(envs.iter().copied())
