@@ -20,6 +20,12 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # tests/sdk.rs runs README.md's Node example with node and the `ws` package.
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# tests/keys_keyring.rs: a real Secret Service (GNOME Keyring) on a private D-Bus session bus,
+# `gdbus wait` to know it is up, and libsecret's secret-tool to look at what was stored.
+command -v gnome-keyring-daemon >/dev/null 2>&1 || need_apt+=(gnome-keyring)
+command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
+command -v secret-tool >/dev/null 2>&1 || need_apt+=(libsecret-tools)
+command -v gdbus >/dev/null 2>&1 || need_apt+=(libglib2.0-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""
@@ -63,6 +69,18 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+# macOS: no Mac and no Apple SDK here, so both Apple targets are compile-checked (clippy, so a
+# macOS-only warning fails too); linking needs Apple's frameworks and is not tried. ring and
+# mimalloc compile C in their build scripts: Zig's clang (scripts/zig-cc, Zig from the ziglang
+# package in .venv) stands in for Apple's.
+for target in aarch64-apple-darwin x86_64-apple-darwin; do
+  echo "==> cargo clippy --target $target"
+  rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+  var=${target//-/_}
+  # Not incremental: a check that runs once per CI run gains nothing from the ~1 GB cache.
+  env "CC_$var=$root/scripts/zig-cc" "AR_$var=$root/scripts/zig-ar" ZIG_CC_TARGET="${target%%-*}-macos" CARGO_INCREMENTAL=0 \
+    cargo clippy --all-targets --quiet --target "$target" -- -D warnings
+done
 # The cargo-fuzz targets (fuzz/, their own workspace) share the differential harness with
 # tests/differential.rs: compile them so they cannot rot (running them needs cargo-fuzz).
 echo "==> cargo check fuzz/"

@@ -15,7 +15,8 @@
 //!   JSON error table), `keys` (sources and rotation), `limits`, `metrics`, `timeouts`, `tls`.
 //!
 //! `reload` sits above them all: it builds the per-run state from a config and swaps it on
-//! SIGHUP.
+//! SIGHUP. `service` is beside the proxy, not in it: the per-user service files that
+//! `smallest-proxy service install` writes.
 
 pub mod config;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod service;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;

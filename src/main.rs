@@ -7,7 +7,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use smallest_proxy::config::{Config, KeySourceKind, LogFormat, CONFIG_PATH_ENV};
+use smallest_proxy::keys::{fingerprint, keyring};
 use smallest_proxy::reload::{LogControl, ReloadSource, SetLogLevel};
+use smallest_proxy::service::{FileState, Manager};
 use smallest_proxy::Listeners;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +103,68 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// The key in the OS keychain (`[key] source = "keyring"`), and the configured key's status.
+    Key {
+        #[command(subcommand)]
+        action: KeyCommand,
+    },
+    /// The per-user service: a launchd agent on macOS, a systemd user unit on Linux.
+    Service {
+        #[command(subcommand)]
+        action: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Store the key in the OS keychain, read from standard input (never from the command line;
+    /// not echoed on a terminal), and print its fingerprint.
+    Set {
+        /// Keychain service name; default: [key.keyring] service, or "smallest-proxy".
+        #[arg(long)]
+        service: Option<String>,
+        /// Keychain account name; default: [key.keyring] account, or "default".
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Print the configured key source and the fingerprint of the key it holds now.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the service files for the current user (and only those) and say how to start them.
+    Install {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+    /// Remove exactly the files `service install` wrote.
+    Uninstall {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+    /// Show which service files are installed and whether the service manager runs them
+    /// (exit 0 when installed, 3 when not).
+    Status {
+        #[arg(long, value_enum, default_value_t = ManagerArg::native())]
+        manager: ManagerArg,
+    },
+}
+
+/// Which service manager's files (default: this OS's).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ManagerArg {
+    Launchd,
+    Systemd,
+}
+
+impl ManagerArg {
+    fn native() -> ManagerArg {
+        match Manager::native() {
+            Manager::Launchd => ManagerArg::Launchd,
+            Manager::Systemd => ManagerArg::Systemd,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -131,6 +195,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),
+        Command::Key {
+            action: KeyCommand::Set { service, account },
+        } => key_set(&config, service, account),
+        Command::Key {
+            action: KeyCommand::Status,
+        } => key_status(&config),
+        Command::Service { action } => service(action, cli.config.as_deref()),
         Command::Run => {
             if let Some(message) = missing_key_source(&config) {
                 eprintln!("{message}");
@@ -364,16 +435,290 @@ fn init_logging(config: &Config) -> LogControl {
     }
 }
 
-/// A same-uid process must not read the key from our memory or a core dump.
+/// A same-uid process must not read the key from our memory or a core dump: not dumpable on
+/// Linux (no ptrace attach, no /proc/PID/mem), `PT_DENY_ATTACH` on macOS (no debugger attach).
 fn harden_process() {
     // SAFETY: plain syscalls with constant arguments; failure only means less hardening.
     unsafe {
+        #[cfg(target_os = "linux")]
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        #[cfg(target_os = "macos")]
+        libc::ptrace(libc::PT_DENY_ATTACH, 0, std::ptr::null_mut(), 0);
         let zero = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
+}
+
+/// `smallest-proxy key set`: the key from standard input into the OS keychain.
+fn key_set(config: &Config, service: Option<String>, account: Option<String>) -> ExitCode {
+    let mut entry = config.key.keyring_entry();
+    if let Some(service) = service {
+        entry.service = service;
+    }
+    if let Some(account) = account {
+        entry.account = account;
+    }
+    let input = match read_key_input() {
+        Ok(input) => input,
+        Err(e) => {
+            eprintln!("error: reading the key from standard input: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let value = secrecy::SecretString::from(input.trim_end_matches(['\n', '\r']).to_string());
+    drop(input);
+    let where_ = keyring::describe(&entry);
+    if let Err(e) = keyring::store(&entry, &value) {
+        eprintln!("error: the key was not stored: {e}");
+        return ExitCode::from(1);
+    }
+    // Read it back: a keychain that accepted the write but serves something else is caught here.
+    let stored = keyring::read(&entry).map(|v| fingerprint(secrecy::ExposeSecret::expose_secret(&v)));
+    let written = fingerprint(secrecy::ExposeSecret::expose_secret(&value));
+    match stored {
+        Ok(read_back) if read_back == written => {
+            println!("stored the key in the OS keychain ({where_}); fingerprint {written}");
+        }
+        Ok(_) => {
+            eprintln!("error: the keychain ({where_}) returns a different value than was stored");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: the key was stored but cannot be read back: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if config.key.source != KeySourceKind::Keyring {
+        println!("the proxy reads it with [key] source = \"keyring\" (or SMALLEST_PROXY_KEY_SOURCE=keyring; `smallest-proxy service install` sets it)");
+    } else if entry != config.key.keyring_entry() {
+        println!(
+            "note: the config reads {}, not this entry",
+            keyring::describe(&config.key.keyring_entry())
+        );
+    }
+    println!("a running proxy picks it up on SIGHUP, its next refresh (key.refresh_interval) or the next 401");
+    ExitCode::SUCCESS
+}
+
+/// The key's text: one line typed with echo off on a terminal, otherwise everything on
+/// standard input.
+fn read_key_input() -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::io::{BufRead, IsTerminal, Read};
+    let mut text = zeroize::Zeroizing::new(String::new());
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    let _quiet = EchoOff::new()?;
+    eprint!("Smallest API key (input hidden): ");
+    std::io::stdin().lock().read_line(&mut text)?;
+    Ok(text)
+}
+
+/// The terminal on standard input with echo off (the newline still echoed, so what follows
+/// starts on its own line) until dropped. Written here rather than taken from `rpassword`,
+/// which prints its prompt before it turns echo off: a key typed or pasted in between is shown.
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> std::io::Result<EchoOff> {
+        // SAFETY: tcgetattr fills the zeroed termios we own; tcsetattr reads it.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut quiet = saved;
+            quiet.c_lflag &= !libc::ECHO;
+            quiet.c_lflag |= libc::ECHONL;
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &quiet) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `new`.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
+        }
+    }
+}
+
+/// `smallest-proxy key status`: the configured source, and the fingerprint of its key now.
+fn key_status(config: &Config) -> ExitCode {
+    println!("source: {}", smallest_proxy::keys::describe_source(&config.key));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let source = smallest_proxy::keys::source_from_config(config).await?;
+        let value = source.fetch().await?;
+        smallest_proxy::keys::ApiKey::new(value, config.auth.scheme)
+    });
+    match result {
+        Ok(key) => {
+            println!("fingerprint: {}", key.fingerprint());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("fingerprint: none");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `smallest-proxy service install|uninstall|status`.
+fn service(action: ServiceCommand, config_path: Option<&std::path::Path>) -> ExitCode {
+    let manager = match action {
+        ServiceCommand::Install { manager }
+        | ServiceCommand::Uninstall { manager }
+        | ServiceCommand::Status { manager } => manager,
+    };
+    let target = match service_target(manager, config_path) {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match action {
+        ServiceCommand::Install { .. } => match smallest_proxy::service::install(&target) {
+            Ok(written) => {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+                println!("start it: {}", target.start_hint());
+                println!("then apps call http://127.0.0.1:8787 with no key of their own");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        ServiceCommand::Uninstall { .. } => match smallest_proxy::service::uninstall(&target) {
+            Ok(removed) if removed.is_empty() => {
+                println!("nothing to remove: no file written by `smallest-proxy service install` is there");
+                ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for path in removed {
+                    println!("removed {}", path.display());
+                }
+                if target.manager == Manager::Launchd {
+                    println!("if the agent is still loaded: {}", target.stop_hint());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        ServiceCommand::Status { .. } => {
+            let mut all = true;
+            for (path, _) in target.files() {
+                let state = smallest_proxy::service::file_state(&path);
+                all &= state == FileState::Installed;
+                let said = match state {
+                    FileState::Installed => "installed",
+                    FileState::Foreign => "present, not written by `service install`",
+                    FileState::Absent => "not installed",
+                };
+                println!("{}: {said}", path.display());
+            }
+            println!("service manager: {}", manager_state(target.manager));
+            if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+    }
+}
+
+fn service_target(
+    manager: ManagerArg,
+    config_path: Option<&std::path::Path>,
+) -> Result<smallest_proxy::service::Target, String> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .ok_or("HOME is not set: the service files go under the user's home directory")?;
+    let binary = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|e| format!("cannot tell where this binary is: {e}"))?;
+    let config = match config_path {
+        Some(path) => Some(std::fs::canonicalize(path).map_err(|e| format!("config file {}: {e}", path.display()))?),
+        None => None,
+    };
+    Ok(smallest_proxy::service::Target {
+        manager: match manager {
+            ManagerArg::Launchd => Manager::Launchd,
+            ManagerArg::Systemd => Manager::Systemd,
+        },
+        home,
+        xdg_config_home: std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
+        binary,
+        config,
+    })
+}
+
+/// What the service manager says about the service, in a few words.
+fn manager_state(manager: Manager) -> String {
+    let output = match manager {
+        Manager::Systemd => std::process::Command::new("systemctl")
+            .args(["--user", "is-active", "smallest-proxy.socket", "smallest-proxy.service"])
+            .output(),
+        Manager::Launchd => {
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            std::process::Command::new("launchctl")
+                .args([
+                    "print",
+                    &format!("gui/{uid}/{}", smallest_proxy::service::LAUNCHD_LABEL),
+                ])
+                .output()
+        }
+    };
+    match (manager, output) {
+        (_, Err(e)) => format!("not asked ({e})"),
+        (Manager::Systemd, Ok(out)) => {
+            let states: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            match states.as_slice() {
+                [socket, service] => format!("socket {socket}, service {service}"),
+                _ => format!(
+                    "not reachable ({})",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .next()
+                        .unwrap_or("no answer")
+                ),
+            }
+        }
+        (Manager::Launchd, Ok(out)) if out.status.success() => "loaded".into(),
+        (Manager::Launchd, Ok(_)) => "not loaded".into(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `[key]`: where the key comes from (env, file, Vault/OpenBao, AWS Secrets Manager) and how
-//! often it is re-read. The config names the source; the key itself is never in it.
+//! `[key]`: where the key comes from (env, file, Vault/OpenBao, AWS Secrets Manager, the OS
+//! keychain) and how often it is re-read. The config names the source; the key itself is never in it.
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use super::{duration_str, host_is_loopback, invalid, Invalid};
 /// The environment variable the key is read from with `source = "env"` (and with no config).
 pub const DEFAULT_KEY_ENV: &str = "SMALLEST_API_KEY";
 
-/// Key re-fetch period for sources that rotate (file, vault, aws).
+/// Key re-fetch period for sources that rotate (file, vault, aws, keyring).
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 /// How long the last good key keeps serving while its source fails.
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
@@ -34,6 +34,9 @@ pub struct KeyConfig {
     /// `source = "aws"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsConfig>,
+    /// `source = "keyring"`; without the table, [`KeyringConfig::default`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<KeyringConfig>,
 }
 
 /// Default KV mount, path and field for `[key.vault]`.
@@ -141,6 +144,28 @@ pub struct AwsConfig {
     pub endpoint_url: Option<String>,
 }
 
+/// Default `[key.keyring]` entry: the names `smallest-proxy key set` stores under.
+pub const DEFAULT_KEYRING_SERVICE: &str = "smallest-proxy";
+pub const DEFAULT_KEYRING_ACCOUNT: &str = "default";
+
+/// The OS keychain entry holding the key (macOS Keychain, or the freedesktop Secret Service:
+/// GNOME Keyring, KWallet), named by service and account as the keychain tools name it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyringConfig {
+    pub service: String,
+    pub account: String,
+}
+
+impl Default for KeyringConfig {
+    fn default() -> Self {
+        KeyringConfig {
+            service: DEFAULT_KEYRING_SERVICE.into(),
+            account: DEFAULT_KEYRING_ACCOUNT.into(),
+        }
+    }
+}
+
 impl Default for KeyConfig {
     fn default() -> Self {
         KeyConfig {
@@ -151,6 +176,7 @@ impl Default for KeyConfig {
             max_stale: DEFAULT_MAX_STALE,
             vault: None,
             aws: None,
+            keyring: None,
         }
     }
 }
@@ -163,6 +189,14 @@ pub enum KeySourceKind {
     File,
     Vault,
     Aws,
+    Keyring,
+}
+
+impl KeyConfig {
+    /// The keychain entry `source = "keyring"` reads: the `[key.keyring]` table or its defaults.
+    pub fn keyring_entry(&self) -> KeyringConfig {
+        self.keyring.clone().unwrap_or_default()
+    }
 }
 
 impl KeyConfig {
@@ -235,9 +269,63 @@ impl KeyConfig {
                 "source = \"aws\" needs a [key.aws] table with at least `secret_id`".into(),
             );
         }
+        if let Some(keyring) = &self.keyring {
+            if keyring.service.is_empty() {
+                return invalid("key.keyring.service", "must not be empty".into());
+            }
+            if keyring.account.is_empty() {
+                return invalid("key.keyring.account", "must not be empty".into());
+            }
+        }
         if self.refresh_interval < Duration::from_secs(1) {
             return invalid("key.refresh_interval", "must be at least 1s".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_text, KeySourceKind, KeyringConfig};
+    use std::path::Path;
+
+    #[test]
+    fn keyring_entry_defaults_overrides_and_empty_names() {
+        let c = load_text(None, "[key]\nsource = \"keyring\"\n", &[]).unwrap();
+        assert_eq!(c.key.source, KeySourceKind::Keyring);
+        assert_eq!(
+            c.key.keyring_entry(),
+            KeyringConfig {
+                service: "smallest-proxy".into(),
+                account: "default".into()
+            }
+        );
+        let c = load_text(
+            None,
+            "[key]\nsource = \"keyring\"\n[key.keyring]\naccount = \"work\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.key.keyring_entry().service, "smallest-proxy");
+        assert_eq!(c.key.keyring_entry().account, "work");
+        let vars = [
+            ("SMALLEST_PROXY_KEY_SOURCE".to_string(), "keyring".to_string()),
+            ("SMALLEST_PROXY_KEY_KEYRING_SERVICE".to_string(), "team".to_string()),
+        ];
+        let c = load_text(None, "", &vars).unwrap();
+        assert_eq!(c.key.source, KeySourceKind::Keyring);
+        assert_eq!(c.key.keyring_entry().service, "team");
+        let e = load_text(
+            Some(Path::new("p.toml")),
+            "[key]\nsource = \"keyring\"\n[key.keyring]\nservice = \"\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.location.as_str()),
+            ("key.keyring.service", "p.toml:4:1")
+        );
+        let e = load_text(None, "[key.keyring]\nuser = \"x\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "key.keyring.user");
     }
 }

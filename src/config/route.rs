@@ -344,6 +344,10 @@ fn key_source_label(key: &KeyConfig) -> String {
             "aws {}",
             key.aws.as_ref().map_or(String::new(), |a| a.secret_id.clone())
         ),
+        KeySourceKind::Keyring => {
+            let entry = key.keyring_entry();
+            format!("keyring {}/{}", entry.service, entry.account)
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod aws;
 pub mod env;
 pub mod file;
+pub mod keyring;
 pub mod vault;
 
 use arc_swap::ArcSwapOption;
@@ -135,7 +136,7 @@ pub fn fingerprint(value: &str) -> String {
 /// One backend that can produce the key's current value.
 #[async_trait::async_trait]
 pub trait KeySource: Send + Sync + 'static {
-    /// Short name for logs, `/ready` and metrics: `env`, `file`, `vault`, `aws`.
+    /// Short name for logs, `/ready` and metrics: `env`, `file`, `vault`, `aws`, `keyring`.
     fn kind(&self) -> &'static str;
     /// Fetch the current value. Must not log or embed the value in the error.
     async fn fetch(&self) -> Result<SecretString, KeyError>;
@@ -166,7 +167,37 @@ pub async fn source_from_config(config: &Config) -> Result<Arc<dyn KeySource>, K
         KeySourceKind::Aws => {
             Arc::new(aws::AwsSource::new(config.key.aws.as_ref().ok_or_else(|| missing("key.aws"))?).await)
         }
+        KeySourceKind::Keyring => Arc::new(keyring::KeyringSource::new(config.key.keyring_entry())),
     })
+}
+
+/// The configured source in words, for `key status`: which kind, and where (never the key).
+pub fn describe_source(config: &crate::config::KeyConfig) -> String {
+    match config.source {
+        KeySourceKind::Env => format!("env (variable {})", config.env),
+        KeySourceKind::File => format!(
+            "file ({})",
+            config
+                .file
+                .as_deref()
+                .map_or("<unset>".into(), |p| p.display().to_string())
+        ),
+        KeySourceKind::Vault => match &config.vault {
+            Some(v) => format!(
+                "vault ({}, {}/{} field {})",
+                v.address.as_deref().unwrap_or("<no address>"),
+                v.mount,
+                v.path,
+                v.field
+            ),
+            None => "vault".into(),
+        },
+        KeySourceKind::Aws => match &config.aws {
+            Some(a) => format!("aws (secret {})", a.secret_id),
+            None => "aws".into(),
+        },
+        KeySourceKind::Keyring => format!("keyring ({})", keyring::describe(&config.keyring_entry())),
+    }
 }
 
 /// What `/ready` reports about the key, without the key.

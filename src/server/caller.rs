@@ -27,7 +27,8 @@ pub const PROXY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-proxy-toke
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnInfo {
     pub transport: Transport,
-    /// The connecting process's uid and pid (SO_PEERCRED), Unix socket only.
+    /// The connecting process's uid and pid, Unix socket only: `SO_PEERCRED` on Linux,
+    /// `getpeereid` and `LOCAL_PEERPID` on macOS (tokio's `peer_cred` picks the call).
     pub peer_uid: Option<u32>,
     pub peer_pid: Option<i32>,
 }

@@ -3,7 +3,7 @@
 //! (`LISTEN_PID`/`LISTEN_FDS`: listening sockets inherited from a `.socket` unit or
 //! `systemd-socket-activate`). Both are a few lines of well-specified protocol (sd_notify(3),
 //! sd_listen_fds(3)), so they are written here rather than pulled in as crates.
-//! Outside systemd every function here is a no-op.
+//! Outside systemd (and so on macOS) every function here is a no-op.
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -24,18 +24,30 @@ pub fn notify(state: &str) {
         let socket = UnixDatagram::unbound()?;
         let bytes = path.as_encoded_bytes();
         if let Some(name) = bytes.strip_prefix(b"@") {
-            // An abstract socket name (Linux).
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            socket.send_to_addr(state.as_bytes(), &addr)?;
+            send_abstract(&socket, name, state)
         } else {
-            socket.send_to(state.as_bytes(), &path)?;
+            socket.send_to(state.as_bytes(), &path).map(drop)
         }
-        Ok(())
     })();
     if let Err(e) = result {
         tracing::debug!(error = %e, "sd_notify failed");
     }
+}
+
+/// An abstract socket name (`@name`): a Linux feature, as is systemd.
+#[cfg(target_os = "linux")]
+fn send_abstract(socket: &UnixDatagram, name: &[u8], state: &str) -> io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    socket.send_to_addr(state.as_bytes(), &addr).map(drop)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_abstract(_: &UnixDatagram, _: &[u8], _: &str) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "abstract socket names exist on Linux only",
+    ))
 }
 
 /// `WATCHDOG_USEC` (when meant for this process): ping at half the interval until the runtime

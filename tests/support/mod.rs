@@ -3,6 +3,7 @@
 //! and talk to it with real clients.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod keyring;
 pub mod pattern;
 pub mod rotation;
 pub mod servers;
