@@ -140,7 +140,7 @@ mod tests {
         let err = store(&entry, &SecretString::from("two words")).unwrap_err();
         assert_eq!(
             err,
-            KeyError::Invalid("the value contains characters other than visible ASCII")
+            KeyError::Invalid("the value contains a space (only visible ASCII is allowed)")
         );
         let err = store(&entry, &SecretString::from("")).unwrap_err();
         assert_eq!(err, KeyError::Invalid("the value is empty"));
