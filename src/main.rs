@@ -123,6 +123,10 @@ fn main() -> ExitCode {
                     .map_or("defaults and environment".to_string(), |p| p.display().to_string())
             );
             print!("{}", config.to_toml());
+            println!("\n# limit classes in force (your classes' paths first, then the profile's):");
+            for line in config.limits.describe_classes() {
+                println!("#   {line}");
+            }
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),

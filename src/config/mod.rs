@@ -502,9 +502,12 @@ max_stale = "2h"
         .unwrap();
         let classes = c.limits.classes();
         assert_eq!(classes[0].name, "tts");
-        assert_eq!((classes[0].max_concurrent, classes[0].max_websockets), (1, 5));
+        assert_eq!(
+            (classes[0].max_concurrent, classes[0].max_websockets),
+            (Concurrency::Fixed(1), 5)
+        );
         assert_eq!(classes[0].queue_timeout, Duration::from_secs(5), "inherited");
-        assert_eq!(c.limits.default_class().max_concurrent, 8);
+        assert_eq!(c.limits.default_class().max_concurrent, Concurrency::Fixed(8));
 
         let e = load("[[limits.class]]\nname = \"tts\"\npaths = [\"waves\"]\n").unwrap_err();
         assert_eq!(e.key, "limits.class[0].paths");

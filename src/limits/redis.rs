@@ -34,10 +34,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+local held = redis.call('ZCARD', KEYS[1])
+if held < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], lease * 2)
-  return 1
+  return held + 1
 end
 return 0
 "#;
@@ -123,8 +124,14 @@ impl SharedStore {
         format!("{}:{}:{}", self.prefix, class, what)
     }
 
-    /// Take a slot if fewer than `max` are held. `Err` = Redis failed (already marked down).
-    pub async fn try_acquire(self: &Arc<Self>, class: &str, kind: &str, max: usize) -> Result<Option<SharedLease>, ()> {
+    /// Take a slot if fewer than `max` are held, with how many are held now (this one
+    /// included). `Err` = Redis failed (already marked down).
+    pub async fn try_acquire(
+        self: &Arc<Self>,
+        class: &str,
+        kind: &str,
+        max: usize,
+    ) -> Result<Option<(SharedLease, usize)>, ()> {
         let key = self.key(class, kind);
         let id = format!("{:032x}", rand::random::<u128>());
         let lease_ms = self.lease.as_millis() as u64;
@@ -133,16 +140,17 @@ impl SharedStore {
         let got: i64 = self
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
-        if got != 1 {
+        if got < 1 {
             return Ok(None);
         }
         let renewer = tokio::spawn(renew_while_held(Arc::downgrade(self), key.clone(), id.clone()));
-        Ok(Some(SharedLease {
+        let lease = SharedLease {
             store: self.clone(),
             key,
             id,
             renewer,
-        }))
+        };
+        Ok(Some((lease, usize::try_from(got).unwrap_or(1))))
     }
 
     /// GCRA wait for one arrival at `rate` per `per` with `burst`. `Err` = Redis failed.

@@ -156,18 +156,14 @@ impl Proxy {
             limits::Kind::Request
         };
         let admitting = std::time::Instant::now();
-        let permit = Box::pin(class.admit(kind))
-            .await
-            .map_err(|shed| ProxyError::RateLimited {
-                message: shed.message(),
-                retry_after: shed.retry_after,
-            })?;
+        let mut permit = Box::pin(class.admit(kind)).await.map_err(shed_error)?;
         exchange.set_queue_wait(admitting.elapsed());
 
         // Set by a capped streaming body that passed listen.max_body_size.
         let body_too_large = Arc::new(AtomicBool::new(false));
         let mut resent_after_401 = false;
         let mut resends_after_throttle = 0;
+        let mut resends_after_probe = 0;
         let response = loop {
             // The headers travel with the attempt and come back with its response (a resend
             // needs them again): not copied per request.
@@ -229,6 +225,25 @@ impl Proxy {
                 // if it can be resent, after the pause or a jittered backoff.
                 let wait = limits::parse_retry_after(response.headers().get(http::header::RETRY_AFTER))
                     .unwrap_or(limits::DEFAULT_UPSTREAM_PAUSE);
+                // A learning class (`max_concurrent = "auto"`) lowers its limit to the level
+                // the upstream accepted. A 429 to a probe above that level is the answer the
+                // probe asked for: resend at once, back in the queue under the lower limit.
+                let learned = if status == StatusCode::TOO_MANY_REQUESTS && !websocket {
+                    class.throttled(&mut permit)
+                } else {
+                    None
+                };
+                if learned == Some(limits::auto::Throttle::Probe)
+                    && replayable.is_some()
+                    && resends_after_probe < MAX_PROBE_RESENDS
+                {
+                    resends_after_probe += 1;
+                    class.count_resend();
+                    tracing::debug!(request_id, limit = class.concurrency(), "probe throttled; resending");
+                    drop(response);
+                    permit = readmit(&class, permit).await?;
+                    continue;
+                }
                 class.pause(status.as_u16(), wait);
                 if replayable.is_some() && resends_after_throttle < class.limits.upstream_retries {
                     resends_after_throttle += 1;
@@ -240,7 +255,13 @@ impl Proxy {
                         "upstream throttled; resending"
                     );
                     drop(response);
-                    tokio::time::sleep(delay).await;
+                    if learned.is_some() {
+                        // Back in the queue: admission waits out the pause, then for a slot
+                        // under the lowered limit, so the resend does not add to the overload.
+                        permit = readmit(&class, permit).await?;
+                    } else {
+                        tokio::time::sleep(delay).await;
+                    }
                     continue;
                 }
             }
@@ -269,6 +290,22 @@ impl Proxy {
             ProxyBody::Limited(body, Some(permit), idle),
         ))
     }
+}
+
+/// Resends after 429s to probes, per request: each lowers the limit, so few can happen.
+const MAX_PROBE_RESENDS: u32 = 8;
+
+fn shed_error(shed: limits::Shed) -> ProxyError {
+    ProxyError::RateLimited {
+        message: shed.message(),
+        retry_after: shed.retry_after,
+    }
+}
+
+/// Give the slot back and wait for a new one (FIFO, behind those already waiting).
+async fn readmit(class: &Arc<limits::Class>, permit: limits::Permit) -> Result<limits::Permit, ProxyError> {
+    drop(permit);
+    Box::pin(class.admit(limits::Kind::Request)).await.map_err(shed_error)
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh random one.

@@ -2,7 +2,8 @@
 //! up), `/ready` (a key is loaded, so requests can be served) and `/metrics` (Prometheus).
 //!
 //! `/ready` reports the key's source, fingerprint, age and last error: enough for an operator
-//! to see which key is live and why it is not, never the key.
+//! to see which key is live and why it is not, never the key; and under `limits` each limit
+//! class in force with its current concurrency (learned or fixed).
 //!
 //! With `[admin] address` set, the three are also served on that separate listener, and
 //! `/metrics` only there: the scrape port can be opened to the cluster without opening the
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyStore;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 
@@ -34,7 +36,7 @@ pub fn is_admin_request<B>(req: &Request<B>) -> bool {
     matches!(req.uri().path(), HEALTH_PATH | READY_PATH | METRICS_PATH)
 }
 
-pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Response<ProxyBody> {
+pub fn respond<B>(req: &Request<B>, keys: &KeyStore, limiter: &Limiter, metrics: &Metrics) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let body =
             serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
@@ -53,13 +55,15 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, metrics: &Metrics) -> Respo
         _ => {
             let status = keys.status();
             if status.ready {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready", "key": status}))
+                let body = serde_json::json!({"status": "ready", "key": status, "limits": limiter.status()});
+                json(StatusCode::OK, &body)
             } else {
                 let body = serde_json::json!({
                     "status": "not_ready",
                     "error": "no API key is loaded yet",
                     "code": "KEY_UNAVAILABLE",
                     "key": status,
+                    "limits": limiter.status(),
                 });
                 json(StatusCode::SERVICE_UNAVAILABLE, &body)
             }

@@ -104,7 +104,7 @@ impl App {
             let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
                 admin::metrics_elsewhere()
             } else {
-                admin::respond(&req, &state.keys.store, &self.metrics)
+                admin::respond(&req, &state.keys.store, &state.limiter, &self.metrics)
             };
             // Probes and scrapes are not API traffic: no access line, no request metrics.
             let (parts, body) = response.into_parts();
@@ -138,6 +138,7 @@ impl App {
         if !admin::is_admin_request(req) {
             return admin::not_found();
         }
-        admin::respond(req, &self.state.load().keys.store, &self.metrics)
+        let state = self.state.load();
+        admin::respond(req, &state.keys.store, &state.limiter, &self.metrics)
     }
 }
