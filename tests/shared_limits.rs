@@ -120,3 +120,47 @@ async fn redis_stopping_falls_back_to_local_limits_and_recovers() {
         "the outage was logged more than once"
     );
 }
+
+/// `max_concurrent = "auto"` in shared mode: a limit one replica learns is the limit of all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_limit_is_shared_by_the_replicas() {
+    let redis = Redis::start();
+    let upstream = TestUpstream::start().await;
+    upstream.state.concurrency_limit.store(3, Ordering::SeqCst);
+    upstream.state.work_ms.store(10, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    // No class of our own: the profile's `tts` class learns.
+    let config = proxy_config_text(
+        &upstream.url(),
+        &upstream.pki.ca_file,
+        &key_file(&dir),
+        &format!(
+            "[limits.shared]\nredis_url = \"{}\"\nlease = \"2s\"\n[log]\nlevel = \"info\"\n",
+            redis.url()
+        ),
+    );
+    let learner = ProxyProcess::spawn(&config, &[]);
+    let follower = ProxyProcess::spawn(&config, &[]);
+    for replica in [&learner, &follower] {
+        replica.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    }
+    let concurrency = |body: &[u8]| json(body)["limits"]["tts"]["concurrency"].as_u64().unwrap();
+    let (_, _, before) = get(&follower.url("/ready")).await;
+    assert_eq!(concurrency(&before), 1);
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let url = learner.url("/waves/v1/tts");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let (_, _, ready) = get(&learner.url("/ready")).await;
+    let learned = concurrency(&ready);
+    assert!(learned >= 2, "{}", String::from_utf8_lossy(&ready));
+    // The follower takes the shared limit with its next slot.
+    assert_eq!(get(&follower.url("/waves/v1/tts")).await.0, 200);
+    let (_, _, ready) = get(&follower.url("/ready")).await;
+    assert_eq!(concurrency(&ready), learned, "{}", String::from_utf8_lossy(&ready));
+}

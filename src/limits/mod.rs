@@ -293,9 +293,17 @@ impl Class {
 
     /// Move the request limit to `new` (the caller holds the learning lock, so changes never
     /// interleave): permits are added, or forgotten now and as held ones come back.
-    fn set_limit(&self, new: usize) {
+    /// With `publish`, a learned change is written to Redis for the other replicas.
+    fn set_limit(&self, new: usize, publish: bool) {
         let new = new.max(1);
         let old = self.limit.swap(new, Ordering::AcqRel);
+        if let Some(store) = self.shared.as_ref().filter(|s| publish && new != old && s.is_up()) {
+            let (store, class) = (store.clone(), self.name().to_string());
+            let raised_from = (new > old).then_some(old);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { store.publish_limit(&class, new, raised_from).await });
+            }
+        }
         if let Some(semaphore) = &self.requests {
             if new > old {
                 let mut add = new - old;
@@ -325,6 +333,16 @@ impl Class {
         }
     }
 
+    /// Follow the learned limit another replica wrote to Redis.
+    fn adopt_shared_limit(&self, shared: usize) {
+        if let Some(learning) = &self.learning {
+            if shared > 0 && shared != self.concurrency() {
+                learning.adopt(shared);
+                self.set_limit(shared, false);
+            }
+        }
+    }
+
     /// A returning permit pays one unit of debt (it is forgotten instead of released).
     fn take_debt(&self) -> bool {
         let mut owed = self.debt.load(Ordering::Acquire);
@@ -349,13 +367,13 @@ impl Class {
         }
         permit.throttled = true;
         let limit = self.concurrency();
-        Some(learning.throttled(permit.level, limit, |new| self.set_limit(new)))
+        Some(learning.throttled(permit.level, limit, |new| self.set_limit(new, true)))
     }
 
     fn completed(&self, level: usize) {
         if let Some(learning) = &self.learning {
             let queued = self.waiting.load(Ordering::Acquire) > 0;
-            learning.completed(level, self.concurrency(), queued, |new| self.set_limit(new));
+            learning.completed(level, self.concurrency(), queued, |new| self.set_limit(new, true));
         }
     }
 
@@ -519,9 +537,16 @@ impl Class {
         };
         let mut backoff = redis::POLL_MIN;
         loop {
-            match store.try_acquire(self.name(), kind_key, limit).await {
-                Ok(Some(got)) => return Ok(Some(got)),
-                Ok(None) => {}
+            let learned = kind == Kind::Request && self.learning.is_some();
+            match store.try_acquire(self.name(), kind_key, limit, learned).await {
+                Ok((got, shared_limit)) => {
+                    if learned {
+                        self.adopt_shared_limit(shared_limit);
+                    }
+                    if got.is_some() {
+                        return Ok(got);
+                    }
+                }
                 Err(()) => return Ok(None),
             }
             self.enter_queue(queued)?;
