@@ -12,6 +12,7 @@ pub mod body;
 pub mod exchange;
 pub mod resend;
 pub mod rewrite;
+pub mod synthesis;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -131,8 +132,13 @@ impl Proxy {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, id);
         }
+        let count_syntheses = websocket && class.limits.websocket_messages;
         let body = if websocket {
             upgrade::restore_upgrade_headers(&mut headers);
+            if count_syntheses {
+                // The counting tunnel reads frames: they must not be compressed.
+                synthesis::strip_deflate(&mut headers);
+            }
             // A handshake is sent without a body; a client's Content-Length left in place made
             // the upstream wait for bytes that never come (found by tests/fuzz.rs).
             headers.remove(http::header::CONTENT_LENGTH);
@@ -277,6 +283,7 @@ impl Proxy {
                     permit,
                     self.bounds.stream_idle_timeout,
                     &self.tunnels,
+                    count_syntheses.then(|| class.clone()),
                 ));
             }
         }
