@@ -6,6 +6,7 @@
 pub mod pattern;
 pub mod rotation;
 pub mod servers;
+pub mod standin;
 pub mod upstream;
 
 use bytes::Bytes;
