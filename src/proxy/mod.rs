@@ -116,9 +116,11 @@ impl Proxy {
         request_id: &str,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // One load: this request (and its tunnel, if any) keeps this key even if it rotates
-        // now; only a 401 resend switches it, explicitly.
-        let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
+        // Refused before it queues when no key is loaded at all; the key it is sent with is
+        // loaded after admission (below).
+        if self.keys.current().is_none() {
+            return Err(ProxyError::KeyUnavailable);
+        }
         let websocket = upgrade::is_websocket_upgrade(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
@@ -164,6 +166,11 @@ impl Proxy {
         let admitting = std::time::Instant::now();
         let mut permit = Box::pin(class.admit(kind)).await.map_err(shed_error)?;
         exchange.set_queue_wait(admitting.elapsed());
+        // The key is loaded when the request is sent, not when it arrived: one that waited in
+        // the queue across a rotation goes out with the new key, not the old one and a 401
+        // resend. One load: this request (and its tunnel, if any) keeps this key even if it
+        // rotates now; only a 401 resend switches it, explicitly.
+        let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
 
         // Set by a capped streaming body that passed listen.max_body_size.
         let body_too_large = Arc::new(AtomicBool::new(false));
