@@ -164,3 +164,50 @@ async fn a_learned_limit_is_shared_by_the_replicas() {
     let (_, _, ready) = get(&follower.url("/ready")).await;
     assert_eq!(concurrency(&ready), learned, "{}", String::from_utf8_lossy(&ready));
 }
+
+/// Redis stops answering while requests are queued in shared mode: the class falls back to
+/// local slots, and the queued requests keep their places ahead of newer arrivals (FIFO), where
+/// a newcomer used to take the free local slot at once while the queued ones were still
+/// waiting on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_when_redis_stops_keep_their_places() {
+    let redis = Redis::start();
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = replica_config(&upstream, &key_file(&dir), &redis, "queue_timeout = \"20s\"");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    let base = proxy.url("");
+    let depth = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
+    let send = |id: &str| {
+        let url = proxy.url(&format!("/hang?id={id}"));
+        tokio::spawn(async move { get(&url).await.0 })
+    };
+    let mut clients = vec![send("holder")];
+    upstream.state.wait_arrivals(1).await;
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        clients.push(send(id));
+        wait_metric(&base, depth, |d| d == (i + 1) as f64).await;
+    }
+    // Redis hangs (every call now takes the whole `timeout`).
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
+    // The head of the queue gives up on Redis first and takes the free local slot.
+    upstream.state.wait_arrivals(2).await;
+    clients.push(send("d"));
+    wait_metric(&base, depth, |d| d == 3.0).await;
+    upstream.state.hold.0.add_permits(5);
+    for client in clients {
+        assert_eq!(client.await.unwrap(), 200);
+    }
+    let order: Vec<String> = upstream
+        .records()
+        .iter()
+        .filter_map(|r| r.uri.query().map(|q| q.trim_start_matches("id=").to_string()))
+        .collect();
+    assert_eq!(
+        order,
+        ["holder", "a", "b", "c", "d"],
+        "a newer arrival overtook the queue"
+    );
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+}

@@ -11,6 +11,11 @@
 //! below the accepted level means the account is busier than we knew (another app, or the
 //! account's limit fell): the accepted level falls with the limit, and the class pauses as for
 //! any 429.
+//!
+//! The upstream refuses whichever request arrives over its limit, not necessarily the one
+//! above the accepted level: while a probe is in flight, a 429 to any request of the class is
+//! the probe's answer (resent at once, the limit lowered), and a request admitted before a 429
+//! (the probe included) cannot confirm a level when it completes.
 
 use std::sync::Mutex;
 
@@ -33,6 +38,10 @@ pub enum Throttle {
 #[derive(Debug)]
 struct State {
     accepted: usize,
+    /// Requests in flight admitted above the accepted level.
+    probes: usize,
+    /// Counts 429s: a request admitted in an earlier epoch confirms nothing.
+    epoch: u64,
     run: u32,
     raise_after: u32,
     /// The limit has moved from its start because of the upstream's answers.
@@ -51,6 +60,8 @@ impl Default for Learning {
         Learning {
             state: Mutex::new(State {
                 accepted: 1,
+                probes: 0,
+                epoch: 0,
                 run: 0,
                 raise_after: RAISE_AFTER,
                 adjusted: false,
@@ -59,12 +70,43 @@ impl Default for Learning {
     }
 }
 
+/// What a request of a learning class was admitted as.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Admitted {
+    probe: bool,
+    epoch: u64,
+}
+
 impl Learning {
-    /// A request at `level` completed without a 429. Returns the new limit when it rises.
+    /// A request was admitted at `level`.
+    pub fn admitted(&self, level: usize) -> Admitted {
+        let Ok(mut state) = self.state.lock() else {
+            return Admitted::default();
+        };
+        let probe = level > state.accepted;
+        if probe {
+            state.probes += 1;
+        }
+        Admitted {
+            probe,
+            epoch: state.epoch,
+        }
+    }
+
+    /// A request admitted as `admitted` ended (completed or throttled).
+    pub fn ended(&self, admitted: Admitted) {
+        if admitted.probe {
+            if let Ok(mut state) = self.state.lock() {
+                state.probes = state.probes.saturating_sub(1);
+            }
+        }
+    }
+
+    /// A request at `level` completed without a 429. `apply` gets the new limit when it rises.
     /// `queued`: others were waiting for a slot of the class.
-    pub fn completed(&self, level: usize, limit: usize, queued: bool, apply: impl FnOnce(usize)) {
+    pub fn completed(&self, level: usize, admitted: Admitted, limit: usize, queued: bool, apply: impl FnOnce(usize)) {
         let Ok(mut state) = self.state.lock() else { return };
-        if level > state.accepted {
+        if level > state.accepted && admitted.epoch == state.epoch {
             state.accepted = level;
             // A probe that worked: the next one need not wait longer than usual.
             state.raise_after = RAISE_AFTER;
@@ -87,6 +129,17 @@ impl Learning {
             return Throttle::Accepted;
         };
         state.run = 0;
+        state.epoch += 1;
+        if state.probes > 0 && level <= state.accepted {
+            // The probe in flight took the place this request had: the probe's answer.
+            let lower = state.accepted.max(1);
+            if lower < limit {
+                state.adjusted = true;
+                apply(lower);
+            }
+            state.raise_after = (state.raise_after * 2).min(MAX_RAISE_AFTER);
+            return Throttle::Probe;
+        }
         let lower = level.saturating_sub(1).max(1);
         if lower < limit {
             state.adjusted = true;
@@ -122,7 +175,7 @@ mod tests {
     fn complete_round(learning: &Learning, limit: &mut usize) {
         for level in 1..=*limit {
             let current = *limit;
-            learning.completed(level, current, true, |new| *limit = new);
+            learning.completed(level, Admitted::default(), current, true, |new| *limit = new);
         }
     }
 
@@ -138,12 +191,12 @@ mod tests {
         assert_eq!(limit, 2);
         // Not before the new level has been seen to work.
         for _ in 0..RAISE_AFTER {
-            learning.completed(1, limit, true, |new| limit = new);
+            learning.completed(1, Admitted::default(), limit, true, |new| limit = new);
         }
         assert_eq!(limit, 2, "raised past a level no request has confirmed");
-        learning.completed(2, limit, true, |new| limit = new);
+        learning.completed(2, Admitted::default(), limit, true, |new| limit = new);
         for _ in 0..RAISE_AFTER {
-            learning.completed(2, limit, true, |new| limit = new);
+            learning.completed(2, Admitted::default(), limit, true, |new| limit = new);
         }
         assert_eq!(limit, 3);
         assert!(learning.adjusted());
@@ -154,7 +207,7 @@ mod tests {
         let learning = Learning::default();
         let mut limit = 2;
         for _ in 0..100 {
-            learning.completed(1, limit, false, |new| limit = new);
+            learning.completed(1, Admitted::default(), limit, false, |new| limit = new);
         }
         assert_eq!(limit, 2);
     }
@@ -166,11 +219,11 @@ mod tests {
         assert_eq!(learning.throttled(2, limit, |new| limit = new), Throttle::Probe);
         assert_eq!(limit, 1);
         for _ in 0..RAISE_AFTER {
-            learning.completed(1, limit, true, |new| limit = new);
+            learning.completed(1, Admitted::default(), limit, true, |new| limit = new);
         }
         assert_eq!(limit, 1, "the next probe waits twice as long");
         for _ in 0..RAISE_AFTER {
-            learning.completed(1, limit, true, |new| limit = new);
+            learning.completed(1, Admitted::default(), limit, true, |new| limit = new);
         }
         assert_eq!(limit, 2);
     }
@@ -179,7 +232,7 @@ mod tests {
     fn a_429_at_the_accepted_level_lowers_it_and_means_pause() {
         let learning = Learning::default();
         for level in [1, 2, 3] {
-            learning.completed(level, 3, false, |_| {});
+            learning.completed(level, Admitted::default(), 3, false, |_| {});
         }
         let mut limit = 3;
         // The account now allows one: the second and third in flight are refused.
@@ -190,5 +243,22 @@ mod tests {
         // At 1 the limit cannot fall further; a 429 there is someone else on the account.
         assert_eq!(learning.throttled(1, limit, |new| limit = new), Throttle::Accepted);
         assert_eq!(limit, 1);
+    }
+
+    #[test]
+    fn a_429_while_a_probe_is_in_flight_is_the_probes_answer() {
+        let learning = Learning::default();
+        let mut limit = 2;
+        let first = learning.admitted(1);
+        let probe = learning.admitted(2);
+        // The upstream took the probe and refused the request at the accepted level.
+        assert_eq!(learning.throttled(1, limit, |new| limit = new), Throttle::Probe);
+        assert_eq!(limit, 1);
+        learning.ended(first);
+        // The probe completes, but after a 429: it confirms nothing.
+        learning.completed(2, probe, limit, true, |new| limit = new);
+        learning.ended(probe);
+        let next = learning.admitted(2);
+        assert!(next.probe, "level 2 is still above the accepted level");
     }
 }

@@ -4,7 +4,10 @@
 //! Every request falls in one class (the longest `[[limits.class]]` path prefix that matches,
 //! else the default class). Admission to a class is FIFO and has two steps: pacing (the class's
 //! pause after an upstream 429/503, then its GCRA rate, both behind one fair gate so waiters
-//! keep their order) and a slot (a fair semaphore for requests, another for WebSocket tunnels).
+//! keep their order) and a slot (a fair semaphore for requests, another for WebSocket tunnels,
+//! each behind its own fair gate: only the head of a kind's queue waits for a slot, shared or
+//! local, so when Redis stops and the class falls back to local slots, the requests already
+//! queued keep their places ahead of newer arrivals).
 //! The resulting [`Permit`] is RAII: it lives in the response body or the WebSocket tunnel and
 //! is released when they end, on every path (errors, client disconnects), so a slot can't leak.
 //! A wait past `queue_timeout`, or arriving at a full queue, is shed with a 429.
@@ -238,8 +241,11 @@ pub struct Class {
     learning: Option<auto::Learning>,
     websockets: Option<Arc<Semaphore>>,
     rate: Option<DefaultDirectRateLimiter>,
-    /// FIFO gate for pacing (pause and rate) and for the shared-slot poll loop.
+    /// FIFO gate for pacing (pause and rate).
     gate: tokio::sync::Mutex<()>,
+    /// FIFO gates for a slot, one per kind (requests, WebSockets): the holder is the head of
+    /// that queue and the only one waiting for a slot, in Redis or local.
+    slot_gates: [tokio::sync::Mutex<()>; 2],
     waiting: AtomicUsize,
     paused_until: Mutex<Option<Instant>>,
     shared: Option<Arc<SharedStore>>,
@@ -268,6 +274,7 @@ impl Class {
             websockets: semaphore(limits.max_websockets),
             rate,
             gate: tokio::sync::Mutex::new(()),
+            slot_gates: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
             waiting: AtomicUsize::new(0),
             paused_until: Mutex::new(None),
             shared,
@@ -370,10 +377,12 @@ impl Class {
         Some(learning.throttled(permit.level, limit, |new| self.set_limit(new, true)))
     }
 
-    fn completed(&self, level: usize) {
+    fn completed(&self, level: usize, admitted: auto::Admitted) {
         if let Some(learning) = &self.learning {
             let queued = self.waiting.load(Ordering::Acquire) > 0;
-            learning.completed(level, self.concurrency(), queued, |new| self.set_limit(new, true));
+            learning.completed(level, admitted, self.concurrency(), queued, |new| {
+                self.set_limit(new, true)
+            });
         }
     }
 
@@ -454,6 +463,17 @@ impl Class {
         let mut slot = Slot::Unlimited;
         let mut shared_level = 0;
         if limit > 0 {
+            let slot_gate = &self.slot_gates[match kind {
+                Kind::Request => 0,
+                Kind::WebSocket => 1,
+            }];
+            let _turn = match slot_gate.try_lock() {
+                Ok(turn) => turn,
+                Err(_) => {
+                    self.enter_queue(&mut queued)?;
+                    self.by(deadline, slot_gate.lock()).await?
+                }
+            };
             if let Some(store) = self.shared.as_ref().filter(|s| s.is_up()) {
                 if let Some((lease, level)) = self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
                     slot = Slot::Shared(lease);
@@ -477,10 +497,15 @@ impl Class {
                 0
             }
         };
+        let learned = match (&self.learning, kind, &slot) {
+            (Some(learning), Kind::Request, Slot::Local(_) | Slot::Shared(_)) => learning.admitted(level),
+            _ => auto::Admitted::default(),
+        };
         Ok(Permit {
             class: self.clone(),
             kind,
             level,
+            learned,
             throttled: false,
             slot,
         })
@@ -514,8 +539,9 @@ impl Class {
     }
 
     /// A slot from Redis. `Ok(None)` means Redis failed: the caller falls back to a local slot.
-    /// Only the head of this replica's queue polls Redis (behind the gate), with a short
-    /// backoff, and a local release wakes it at once; see `redis.rs` for why polling.
+    /// Only the head of this replica's queue polls Redis (the caller holds the kind's slot
+    /// gate), with a short backoff, and a local release wakes it at once; see `redis.rs` for
+    /// why polling.
     async fn shared_slot<'a>(
         &'a self,
         store: &Arc<SharedStore>,
@@ -527,13 +553,6 @@ impl Class {
         let kind_key = match kind {
             Kind::Request => "requests",
             Kind::WebSocket => "websockets",
-        };
-        let _gate = match self.gate.try_lock() {
-            Ok(gate) => gate,
-            Err(_) => {
-                self.enter_queue(queued)?;
-                self.by(deadline, self.gate.lock()).await?
-            }
         };
         let mut backoff = redis::POLL_MIN;
         loop {
@@ -711,6 +730,8 @@ pub struct Permit {
     kind: Kind,
     /// Requests of the class in flight when this one was admitted, itself included.
     level: usize,
+    /// What a learning class admitted it as (a probe or not, and when).
+    learned: auto::Admitted,
     /// The upstream answered 429: this request does not count as a success when it ends.
     throttled: bool,
     slot: Slot,
@@ -743,7 +764,10 @@ impl Drop for Permit {
                 self.class.metrics.in_flight.dec();
                 self.class.requests_held.fetch_sub(1, Ordering::AcqRel);
                 if !self.throttled && !matches!(self.slot, Slot::Unlimited) {
-                    self.class.completed(self.level);
+                    self.class.completed(self.level, self.learned);
+                }
+                if let Some(learning) = &self.class.learning {
+                    learning.ended(self.learned);
                 }
             }
             Kind::WebSocket => {
