@@ -207,7 +207,18 @@ pub fn upstream_status(payload: &[u8]) -> Upstream {
         #[serde(default)]
         retry_after: Option<f64>,
     }
-    if memchr::memmem::find(payload, b"\"status\"").is_none() {
+    // Most frames are audio chunks: skip the JSON parse (a scan of the whole base64 string)
+    // unless some `"status"` in the frame is `"complete"` or `"error"`; the parse then decides
+    // from the top-level field.
+    let may_end = memchr::memmem::find_iter(payload, b"\"status\"").any(|at| {
+        let rest = payload[at + 8..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            return false;
+        };
+        let rest = rest.trim_ascii_start();
+        rest.starts_with(b"\"complete\"") || rest.starts_with(b"\"error\"")
+    });
+    if !may_end {
         return Upstream::Other;
     }
     let Ok(status) = serde_json::from_slice::<Status<'_>>(payload) else {
