@@ -86,7 +86,9 @@ impl Shed {
 pub struct Limiter {
     /// Named classes' paths: the user's classes first, then the profile's, each group longest
     /// first, so a class the user wrote wins and the most specific path wins within a group.
-    prefixes: Vec<(String, Arc<Class>)>,
+    prefixes: Vec<(PathPattern, Arc<Class>)>,
+    /// Some path has a `*` segment: split the request path into segments once per lookup.
+    segmented: bool,
     default: Arc<Class>,
     classes: Vec<Arc<Class>>,
 }
@@ -99,22 +101,33 @@ impl Limiter {
         for limits in config.classes() {
             let class = Arc::new(Class::new(limits, metrics, shared.clone()));
             for path in &class.limits.paths {
-                prefixes.push((path.clone(), class.clone()));
+                prefixes.push((PathPattern::new(path), class.clone()));
             }
             classes.push(class);
         }
-        prefixes.sort_by_key(|(prefix, class)| (class.limits.from_profile, std::cmp::Reverse(prefix.len())));
+        prefixes.sort_by_key(|(pattern, class)| (class.limits.from_profile, std::cmp::Reverse(pattern.len())));
+        let segmented = prefixes.iter().any(|(p, _)| matches!(p, PathPattern::Segments { .. }));
         Limiter {
             prefixes,
+            segmented,
             default,
             classes,
         }
     }
 
     pub fn class_for(&self, path: &str) -> &Arc<Class> {
+        // The path's first segments, split once for every `*` pattern (no allocation).
+        let mut segments = [""; PathPattern::MAX_SEGMENTS];
+        let mut count = 0;
+        if self.segmented {
+            for segment in path.split('/').skip(1).take(PathPattern::MAX_SEGMENTS) {
+                segments[count] = segment;
+                count += 1;
+            }
+        }
         self.prefixes
             .iter()
-            .find(|(prefix, _)| path_matches(prefix, path))
+            .find(|(pattern, _)| pattern.matches(path, &segments[..count]))
             .map_or(&self.default, |(_, class)| class)
     }
 
@@ -141,6 +154,68 @@ impl Limiter {
             .map(|class| (class.name().to_string(), class.status()))
             .collect();
         serde_json::Value::Object(classes)
+    }
+}
+
+/// A class path, parsed once (see [`path_matches`] for what it matches).
+enum PathPattern {
+    Prefix(String),
+    /// Segments after the leading `/`, and the pattern as written.
+    Segments {
+        segments: Vec<String>,
+        text: String,
+    },
+}
+
+impl PathPattern {
+    /// Segments of a request path looked at; a longer pattern is matched by [`path_matches`].
+    const MAX_SEGMENTS: usize = 16;
+
+    fn new(pattern: &str) -> PathPattern {
+        if pattern.contains('*') {
+            PathPattern::Segments {
+                segments: pattern.split('/').skip(1).map(str::to_string).collect(),
+                text: pattern.to_string(),
+            }
+        } else {
+            PathPattern::Prefix(pattern.to_string())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            PathPattern::Prefix(p) => p.len(),
+            PathPattern::Segments { text, .. } => text.len(),
+        }
+    }
+
+    /// `path`, and its first segments after the leading `/` (split by the caller once).
+    fn matches(&self, path: &str, path_segments: &[&str]) -> bool {
+        let (segments, text) = match self {
+            PathPattern::Prefix(prefix) => return path.starts_with(prefix.as_str()),
+            PathPattern::Segments { segments, text } => (segments, text),
+        };
+        if segments.len() > Self::MAX_SEGMENTS || !path.starts_with('/') {
+            return path_matches(text, path);
+        }
+        for (i, want) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            if want == "**" && last {
+                return true;
+            }
+            let Some(got) = path_segments.get(i) else {
+                return false;
+            };
+            let ok = match want.as_str() {
+                "*" => !got.is_empty(),
+                _ if last => got.starts_with(want.as_str()),
+                _ => got == want,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -876,6 +951,42 @@ mod tests {
         assert_eq!(status["tts"]["concurrency"], 1);
         assert_eq!(status["tts"]["learned"], true);
         assert_eq!(status["default"]["concurrency"], "unlimited");
+    }
+
+    #[test]
+    fn the_parsed_patterns_match_as_path_matches_does() {
+        let patterns = [
+            "/waves/v1/*/get_speech",
+            "/waves/v1/streaming-tts/**",
+            "/a/*",
+            "/x/**",
+            "/waves/v1/tts",
+        ];
+        let paths = [
+            "/waves/v1/lightning/get_speech",
+            "/waves/v1/lightning/get_speech/stream",
+            "/waves/v1//get_speech",
+            "/waves/v1/streaming-tts",
+            "/waves/v1/streaming-tts/a/b",
+            "/a/b",
+            "/a/",
+            "/a",
+            "/x",
+            "/waves/v1/tts/live",
+            "/",
+            "*",
+        ];
+        for pattern in patterns {
+            let parsed = PathPattern::new(pattern);
+            for path in paths {
+                let segments: Vec<&str> = path.split('/').skip(1).collect();
+                assert_eq!(
+                    parsed.matches(path, &segments),
+                    path_matches(pattern, path),
+                    "{pattern} {path}"
+                );
+            }
+        }
     }
 
     #[test]
