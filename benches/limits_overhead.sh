@@ -2,6 +2,9 @@
 # What configured-but-unreached limits cost per request: the same release proxy, same load,
 # with and without a [limits] block, alternating runs; CPU from /proc/PID/stat (utime+stime).
 # Upstream is nginx over plain HTTP on loopback so the difference is the limits path alone.
+# Arms: `off` (profile = "none", no classes), `profile` (no [limits] at all: the built-in
+# `smallest` profile's tts class is matched against every path; the load's path is not a TTS
+# path), `limits` (a configured class, a rate and a concurrency limit, never reached).
 # Usage: benches/limits_overhead.sh [seconds-per-run] (needs nginx and wrk from Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +45,8 @@ paths = ["/waves/v1/lightning", "/waves/v1/tts"]
 max_concurrent = 256
 max_websockets = 5'
 for round in 1 2 3; do
-  run none ""
+  run off '[limits]
+profile = "none"'
+  run profile ""
   run limits "$limits"
 done

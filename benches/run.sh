@@ -371,6 +371,9 @@ python3 "$root/benches/summarize.py" "$jsonl" --machine "$machine" --load "$load
 cat "$work/table.md"
 echo "JSON lines: $jsonl"
 if [ "$write_results" = 1 ]; then
+  # Sections below the marker come from other benches (benches/synthesis_tunnel.sh): kept.
+  kept=$(sed -n '/^<!-- kept by run.sh -->$/,$p' "$root/benches/RESULTS.md" 2>/dev/null || true)
   cp "$work/table.md" "$root/benches/RESULTS.md"
+  if [ -n "$kept" ]; then printf '\n%s\n' "$kept" >> "$root/benches/RESULTS.md"; fi
   echo "wrote benches/RESULTS.md"
 fi

@@ -285,25 +285,9 @@ fn print_check(config: &Config, path: Option<&std::path::Path>) {
         _ => format!("{:?} source", config.key.source).to_ascii_lowercase(),
     };
     println!("#   key: from the {key_place}");
-    println!("# limit classes (after inheritance from [limits]; 0 = unlimited):");
-    for class in std::iter::once(config.limits.default_class()).chain(config.limits.classes()) {
-        let paths = if class.paths.is_empty() {
-            "every other path".to_string()
-        } else {
-            class.paths.join(", ")
-        };
-        println!(
-            "#   {}: {paths}: max_concurrent {}, max_queue {}, queue_timeout {}, rate {} per {} (burst {}), max_websockets {}, upstream_retries {}",
-            class.name,
-            class.max_concurrent,
-            class.max_queue,
-            humantime::format_duration(class.queue_timeout),
-            class.rate,
-            humantime::format_duration(class.per),
-            class.burst,
-            class.max_websockets,
-            class.upstream_retries
-        );
+    println!("# limit classes in force (your classes' paths first, then the profile's; 0 = unlimited):");
+    for line in config.limits.describe_classes() {
+        println!("#   {line}");
     }
     let preset = smallest_proxy::server::policy::preset_rules(&config.policy);
     if preset.is_empty() && config.policy.allow.is_empty() && config.policy.deny.is_empty() {

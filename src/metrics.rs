@@ -83,6 +83,7 @@ pub struct Metrics {
     pub queue_wait: Family<ClassLabel, Histogram, fn() -> Histogram>,
     pub in_flight: Family<ClassLabel, Gauge>,
     pub websockets_active: Family<ClassLabel, Gauge>,
+    pub limit_concurrency: Family<ClassLabel, Gauge>,
     pub upstream_throttled: Family<ThrottleLabels, Counter>,
     pub upstream_retries: Family<ClassLabel, Counter>,
     pub redis_fallbacks: Counter,
@@ -117,6 +118,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(wait_histogram as fn() -> Histogram),
             in_flight: Family::default(),
             websockets_active: Family::default(),
+            limit_concurrency: Family::default(),
             upstream_throttled: Family::default(),
             upstream_retries: Family::default(),
             redis_fallbacks: Counter::default(),
@@ -155,6 +157,11 @@ impl Metrics {
             "limit_in_flight",
             "Upstream requests holding a slot",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            "limit_concurrency",
+            "The request limit in force per class (learned when max_concurrent = \"auto\")",
+            metrics.limit_concurrency.clone(),
         );
         registry.register(
             "websockets_active",

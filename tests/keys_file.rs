@@ -161,3 +161,59 @@ async fn an_open_websocket_keeps_its_key_and_new_requests_get_the_new_one() {
     drop((ws, second));
     proxy.stop().await;
 }
+
+/// The key is taken when a request is sent, not when it arrives: one that waited in the queue
+/// across a rotation goes out once, with the new key (no 401 and resend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_across_a_rotation_goes_out_with_the_new_key() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(
+        &upstream,
+        "[[limits.class]]\nname = \"held\"\npaths = [\"/hang\", \"/waves/v1/lightning\"]\nmax_concurrent = 1\n",
+    )
+    .await;
+    *upstream.state.accepted_key.lock().await = Some(TEST_KEY.to_string());
+    let held = tokio::spawn(get_owned(proxy.url("/hang")));
+    upstream.state.wait_arrivals(1).await;
+    let queued = {
+        let url = proxy.url("/waves/v1/lightning-v2/get_speech?queued=1");
+        tokio::spawn(async move {
+            let request = http::Request::post(url)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"{\"text\":\"hi\"}",
+                )))
+                .unwrap();
+            send(request).await
+        })
+    };
+    wait_metric(
+        &proxy.url(""),
+        "smallest_proxy_limit_queue_depth{class=\"held\"}",
+        |d| d == 1.0,
+    )
+    .await;
+    {
+        let mut accepted = upstream.state.accepted_key.lock().await;
+        write_atomically(&proxy.key_file, "sk-rotated-while-queued");
+        *accepted = Some("sk-rotated-while-queued".into());
+    }
+    let want = fingerprint("sk-rotated-while-queued");
+    proxy
+        .wait_ready("the rotated key", |_, r| r["key"]["fingerprint"] == want.as_str())
+        .await;
+    upstream.state.hold.0.add_permits(1);
+    assert_eq!(held.await.unwrap().0, 200);
+    assert_eq!(queued.await.unwrap().0, 200);
+    let sent: Vec<_> = upstream
+        .records()
+        .into_iter()
+        .filter(|r| r.uri.query() == Some("queued=1"))
+        .collect();
+    assert_eq!(sent.len(), 1, "sent with the old key first, then resent");
+    assert_eq!(sent[0].headers["authorization"], "Bearer sk-rotated-while-queued");
+    proxy.stop().await;
+}
+
+async fn get_owned(url: String) -> (http::StatusCode, http::HeaderMap, bytes::Bytes) {
+    get(&url).await
+}

@@ -406,3 +406,47 @@ async fn health_ready_and_metrics_are_never_limited() {
     held.await.unwrap();
     proxy.stop().await;
 }
+
+/// No `[limits]` at all: the built-in `smallest` profile's `tts` class (auto concurrency,
+/// starting at one) turns an account limit of one into waits, and `/ready` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_config_concurrent_tts_calls_all_succeed() {
+    let upstream = TestUpstream::start().await;
+    upstream.state.concurrency_limit.store(1, Ordering::SeqCst);
+    upstream.state.work_ms.store(5, Ordering::SeqCst);
+    let proxy = TestProxy::start(&upstream, "").await;
+    let paths = [
+        "/waves/v1/tts",
+        "/waves/v1/lightning-v2/get_speech",
+        "/waves/v1/lightning/get_speech/stream",
+        "/waves/v1/lightning-large/stream",
+        "/waves/v1/streaming-tts/lightning",
+    ];
+    let requests: Vec<_> = (0..30)
+        .map(|i| tokio::spawn(send(speech_request(&proxy.url(paths[i % paths.len()])))))
+        .collect();
+    for request in requests {
+        let (status, _, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    let (_, ready) = proxy.ready().await;
+    let tts = &ready["limits"]["tts"];
+    // 1, or 2 when a raise came at the end of the burst and no request has tried it yet.
+    let learned = tts["concurrency"].as_u64().unwrap();
+    assert!((1..=2).contains(&learned), "{ready}");
+    assert_eq!(tts["learned"], true);
+    assert_eq!(tts["from_profile"], true);
+    assert_eq!(tts["max_websockets"], 5);
+    assert_eq!(ready["limits"]["default"]["concurrency"], "unlimited");
+    let base = proxy.url("");
+    assert_eq!(
+        metric(&base, "smallest_proxy_limit_admitted_total{class=\"tts\"}").await as usize,
+        30 + upstream.state.rejected_429.load(Ordering::SeqCst),
+        "every upstream 429 (a probe's) was resent through admission"
+    );
+    assert_eq!(
+        metric(&base, "smallest_proxy_limit_concurrency{class=\"tts\"}").await,
+        learned as f64
+    );
+    proxy.stop().await;
+}

@@ -781,3 +781,18 @@ async fn a_fallback_route_without_a_key_leaves_the_first_answer_standing() {
     );
     proxy.stop().await;
 }
+
+/// A route's own limits take the profile like `[limits]`; its classes carry the route's name so
+/// they never share a metrics label or Redis keys with the default route's `tts`.
+#[test]
+fn a_routes_profile_classes_are_named_after_the_route() {
+    let config: smallest_proxy::config::LimitsConfig = toml::from_str("max_concurrent = 2").unwrap();
+    let metrics = smallest_proxy::metrics::Metrics::new();
+    let limiter = smallest_proxy::limits::Limiter::named("selfhost", &config, &metrics, None);
+    let names: Vec<&str> = limiter.classes().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["selfhost", "selfhost.tts"]);
+    assert_eq!(limiter.class_for("/waves/v1/tts").name(), "selfhost.tts");
+    let default = smallest_proxy::limits::Limiter::new(&config, &metrics, None);
+    let names: Vec<&str> = default.classes().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["default", "tts"]);
+}

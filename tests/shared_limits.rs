@@ -120,3 +120,94 @@ async fn redis_stopping_falls_back_to_local_limits_and_recovers() {
         "the outage was logged more than once"
     );
 }
+
+/// `max_concurrent = "auto"` in shared mode: a limit one replica learns is the limit of all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_limit_is_shared_by_the_replicas() {
+    let redis = Redis::start();
+    let upstream = TestUpstream::start().await;
+    upstream.state.concurrency_limit.store(3, Ordering::SeqCst);
+    upstream.state.work_ms.store(10, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    // No class of our own: the profile's `tts` class learns.
+    let config = proxy_config_text(
+        &upstream.url(),
+        &upstream.pki.ca_file,
+        &key_file(&dir),
+        &format!(
+            "[limits.shared]\nredis_url = \"{}\"\nlease = \"2s\"\n[log]\nlevel = \"info\"\n",
+            redis.url()
+        ),
+    );
+    let learner = ProxyProcess::spawn(&config, &[]);
+    let follower = ProxyProcess::spawn(&config, &[]);
+    for replica in [&learner, &follower] {
+        replica.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    }
+    let concurrency = |body: &[u8]| json(body)["limits"]["tts"]["concurrency"].as_u64().unwrap();
+    let (_, _, before) = get(&follower.url("/ready")).await;
+    assert_eq!(concurrency(&before), 1);
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let url = learner.url("/waves/v1/tts");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let (_, _, ready) = get(&learner.url("/ready")).await;
+    let learned = concurrency(&ready);
+    assert!(learned >= 2, "{}", String::from_utf8_lossy(&ready));
+    // The follower takes the shared limit with its next slot.
+    assert_eq!(get(&follower.url("/waves/v1/tts")).await.0, 200);
+    let (_, _, ready) = get(&follower.url("/ready")).await;
+    assert_eq!(concurrency(&ready), learned, "{}", String::from_utf8_lossy(&ready));
+}
+
+/// Redis stops answering while requests are queued in shared mode: the class falls back to
+/// local slots, and the queued requests keep their places ahead of newer arrivals (FIFO), where
+/// a newcomer used to take the free local slot at once while the queued ones were still
+/// waiting on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_when_redis_stops_keep_their_places() {
+    let redis = Redis::start();
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = replica_config(&upstream, &key_file(&dir), &redis, "queue_timeout = \"20s\"");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    let base = proxy.url("");
+    let depth = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
+    let send = |id: &str| {
+        let url = proxy.url(&format!("/hang?id={id}"));
+        tokio::spawn(async move { get(&url).await.0 })
+    };
+    let mut clients = vec![send("holder")];
+    upstream.state.wait_arrivals(1).await;
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        clients.push(send(id));
+        wait_metric(&base, depth, |d| d == (i + 1) as f64).await;
+    }
+    // Redis hangs (every call now takes the whole `timeout`).
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
+    // The head of the queue gives up on Redis first and takes the free local slot.
+    upstream.state.wait_arrivals(2).await;
+    clients.push(send("d"));
+    wait_metric(&base, depth, |d| d == 3.0).await;
+    upstream.state.hold.0.add_permits(5);
+    for client in clients {
+        assert_eq!(client.await.unwrap(), 200);
+    }
+    let order: Vec<String> = upstream
+        .records()
+        .iter()
+        .filter_map(|r| r.uri.query().map(|q| q.trim_start_matches("id=").to_string()))
+        .collect();
+    assert_eq!(
+        order,
+        ["holder", "a", "b", "c", "d"],
+        "a newer arrival overtook the queue"
+    );
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+}

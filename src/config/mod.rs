@@ -441,9 +441,12 @@ max_stale = "2h"
         .unwrap();
         let classes = c.limits.classes();
         assert_eq!(classes[0].name, "tts");
-        assert_eq!((classes[0].max_concurrent, classes[0].max_websockets), (1, 5));
+        assert_eq!(
+            (classes[0].max_concurrent, classes[0].max_websockets),
+            (Concurrency::Fixed(1), 5)
+        );
         assert_eq!(classes[0].queue_timeout, Duration::from_secs(5), "inherited");
-        assert_eq!(c.limits.default_class().max_concurrent, 8);
+        assert_eq!(c.limits.default_class().max_concurrent, Concurrency::Fixed(8));
 
         let e = load("[[limits.class]]\nname = \"tts\"\npaths = [\"waves\"]\n").unwrap_err();
         assert_eq!(e.key, "limits.class[0].paths");
@@ -502,7 +505,7 @@ max_stale = "2h"
             ("SMALLEST_PROXY_POLICY_ALLOW_LOGS", "true"),
         ]);
         let c = load_text(None, "", &vars).expect("valid");
-        assert_eq!(c.limits.max_concurrent, 1);
+        assert_eq!(c.limits.max_concurrent, limits::Concurrency::Fixed(1));
         assert_eq!(c.limits.queue_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.shared.as_ref().unwrap().redis_url, "redis://127.0.0.1:6379");
         let classes = c.limits.classes();
@@ -512,7 +515,7 @@ max_stale = "2h"
                 classes[0].max_concurrent,
                 classes[0].max_websockets
             ),
-            ("tts", 2, 5)
+            ("tts", limits::Concurrency::Fixed(2), 5)
         );
         assert_eq!((classes[1].name.as_str(), classes[1].rate), ("stt", 10));
         assert_eq!(c.listen.allowed_origins, vec!["http://localhost:3000".to_string()]);
@@ -541,7 +544,7 @@ max_stale = "2h"
             &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_CONCURRENT", "3")]),
         )
         .unwrap();
-        assert_eq!(c.limits.classes()[0].max_concurrent, 3);
+        assert_eq!(c.limits.classes()[0].max_concurrent, limits::Concurrency::Fixed(3));
     }
 
     #[test]

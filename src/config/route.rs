@@ -399,7 +399,10 @@ file = "/run/secrets/license-key"
         let route = &c.route[0];
         assert_eq!((route.name.as_str(), route.scheme), ("selfhost-stt", AuthScheme::Token));
         assert_eq!(route.fallback.as_deref(), Some(DEFAULT_ROUTE_NAME));
-        assert_eq!(route.limits.as_ref().map(|l| l.max_concurrent), Some(4));
+        assert_eq!(
+            route.limits.as_ref().map(|l| l.max_concurrent),
+            Some(crate::config::limits::Concurrency::Fixed(4))
+        );
     }
 
     #[test]
@@ -491,7 +494,10 @@ file = "/run/secrets/license-key"
         let e = load(&format!("{SELFHOST}[route.limits]\n[[route.limits.class]]\nname = \"tts\"\npaths = [\"/a\"]\n[[limits.class]]\nname = \"tts\"\npaths = [\"/b\"]\n")).unwrap_err();
         assert_eq!(e.key, "route[0].limits.class[0].name", "{e}");
         let ok = format!("{SELFHOST}[route.limits]\nmax_concurrent = 2\n");
-        assert_eq!(load(&ok).unwrap().route[0].limits.as_ref().unwrap().max_concurrent, 2);
+        assert_eq!(
+            load(&ok).unwrap().route[0].limits.as_ref().unwrap().max_concurrent,
+            crate::config::limits::Concurrency::Fixed(2)
+        );
     }
 
     #[test]

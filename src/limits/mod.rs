@@ -4,14 +4,22 @@
 //! Every request falls in one class (the longest `[[limits.class]]` path prefix that matches,
 //! else the default class). Admission to a class is FIFO and has two steps: pacing (the class's
 //! pause after an upstream 429/503, then its GCRA rate, both behind one fair gate so waiters
-//! keep their order) and a slot (a fair semaphore for requests, another for WebSocket tunnels).
+//! keep their order) and a slot (a fair semaphore for requests, another for WebSocket tunnels,
+//! each behind its own fair gate: only the head of a kind's queue waits for a slot, shared or
+//! local, so when Redis stops and the class falls back to local slots, the requests already
+//! queued keep their places ahead of newer arrivals).
 //! The resulting [`Permit`] is RAII: it lives in the response body or the WebSocket tunnel and
 //! is released when they end, on every path (errors, client disconnects), so a slot can't leak.
 //! A wait past `queue_timeout`, or arriving at a full queue, is shed with a 429.
 //!
+//! A class's request limit can be learned (`max_concurrent = "auto"`, see `auto.rs`): it then
+//! moves at run time, and the semaphore follows it (permits added, or forgotten as they come
+//! back).
+//!
 //! In shared mode (`[limits.shared]`) the rate and the slots live in Redis (see `redis.rs`),
 //! and the local semaphores and rate limiter become the fallback while Redis is unreachable.
 
+pub mod auto;
 pub mod redis;
 
 use governor::clock::{Clock, DefaultClock};
@@ -26,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::{ClassLimits, LimitsConfig};
+use crate::config::{ClassLimits, Concurrency, LimitsConfig};
 use crate::metrics::{ClassLabel, Metrics, ShedLabels, ThrottleLabels};
 use redis::{SharedLease, SharedStore};
 
@@ -76,8 +84,11 @@ impl Shed {
 
 /// All classes, matched by path prefix.
 pub struct Limiter {
-    /// Named classes' prefixes, longest first, so the most specific class wins.
-    prefixes: Vec<(String, Arc<Class>)>,
+    /// Named classes' paths: the user's classes first, then the profile's, each group longest
+    /// first, so a class the user wrote wins and the most specific path wins within a group.
+    prefixes: Vec<(PathPattern, Arc<Class>)>,
+    /// Some path has a `*` segment: split the request path into segments once per lookup.
+    segmented: bool,
     default: Arc<Class>,
     classes: Vec<Arc<Class>>,
 }
@@ -100,25 +111,41 @@ impl Limiter {
         let default = Arc::new(Class::new(default_limits, metrics, shared.clone()));
         let mut classes = vec![default.clone()];
         let mut prefixes = Vec::new();
-        for limits in config.classes() {
+        for mut limits in config.classes() {
+            // A route's own profile classes carry the route's name, like its default class:
+            // class names label metrics and key Redis state, so two routes' `tts` stay apart.
+            if limits.from_profile && default_class != crate::config::DEFAULT_CLASS_NAME {
+                limits.name = format!("{default_class}.{}", limits.name);
+            }
             let class = Arc::new(Class::new(limits, metrics, shared.clone()));
             for path in &class.limits.paths {
-                prefixes.push((path.clone(), class.clone()));
+                prefixes.push((PathPattern::new(path), class.clone()));
             }
             classes.push(class);
         }
-        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        prefixes.sort_by_key(|(pattern, class)| (class.limits.from_profile, std::cmp::Reverse(pattern.len())));
+        let segmented = prefixes.iter().any(|(p, _)| matches!(p, PathPattern::Segments { .. }));
         Limiter {
             prefixes,
+            segmented,
             default,
             classes,
         }
     }
 
     pub fn class_for(&self, path: &str) -> &Arc<Class> {
+        // The path's first segments, split once for every `*` pattern (no allocation).
+        let mut segments = [""; PathPattern::MAX_SEGMENTS];
+        let mut count = 0;
+        if self.segmented {
+            for segment in path.split('/').skip(1).take(PathPattern::MAX_SEGMENTS) {
+                segments[count] = segment;
+                count += 1;
+            }
+        }
         self.prefixes
             .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .find(|(pattern, _)| pattern.matches(path, &segments[..count]))
             .map_or(&self.default, |(_, class)| class)
     }
 
@@ -129,40 +156,114 @@ impl Limiter {
     /// One line for the startup banner: each class and the limits it actually has.
     pub fn describe(&self) -> String {
         let shared = self.default.shared.is_some();
-        let classes: Vec<String> = self
-            .classes
-            .iter()
-            .map(|class| {
-                let l = &class.limits;
-                let mut parts = Vec::new();
-                if l.max_concurrent > 0 {
-                    parts.push(format!("{} concurrent", l.max_concurrent));
-                }
-                if l.rate > 0 {
-                    parts.push(format!(
-                        "{}/{} burst {}",
-                        l.rate,
-                        humantime::format_duration(l.per),
-                        l.burst
-                    ));
-                }
-                if l.max_websockets > 0 {
-                    parts.push(format!("{} websockets", l.max_websockets));
-                }
-                let limits = if parts.is_empty() {
-                    "unlimited".to_string()
-                } else {
-                    parts.join(", ")
-                };
-                format!("{}: {limits}", l.name)
-            })
-            .collect();
+        let classes: Vec<String> = self.classes.iter().map(|class| class.describe()).collect();
         format!(
             "{}{}",
             classes.join("; "),
             if shared { " (shared in Redis)" } else { "" }
         )
     }
+
+    /// The `limits` object of `/ready`: each class in force and its current limits.
+    pub fn status(&self) -> serde_json::Value {
+        let classes: serde_json::Map<String, serde_json::Value> = self
+            .classes
+            .iter()
+            .map(|class| (class.name().to_string(), class.status()))
+            .collect();
+        serde_json::Value::Object(classes)
+    }
+}
+
+/// A class path, parsed once (see [`path_matches`] for what it matches).
+enum PathPattern {
+    Prefix(String),
+    /// Segments after the leading `/`, and the pattern as written.
+    Segments {
+        segments: Vec<String>,
+        text: String,
+    },
+}
+
+impl PathPattern {
+    /// Segments of a request path looked at; a longer pattern is matched by [`path_matches`].
+    const MAX_SEGMENTS: usize = 16;
+
+    fn new(pattern: &str) -> PathPattern {
+        if pattern.contains('*') {
+            PathPattern::Segments {
+                segments: pattern.split('/').skip(1).map(str::to_string).collect(),
+                text: pattern.to_string(),
+            }
+        } else {
+            PathPattern::Prefix(pattern.to_string())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            PathPattern::Prefix(p) => p.len(),
+            PathPattern::Segments { text, .. } => text.len(),
+        }
+    }
+
+    /// `path`, and its first segments after the leading `/` (split by the caller once).
+    fn matches(&self, path: &str, path_segments: &[&str]) -> bool {
+        let (segments, text) = match self {
+            PathPattern::Prefix(prefix) => return path.starts_with(prefix.as_str()),
+            PathPattern::Segments { segments, text } => (segments, text),
+        };
+        if segments.len() > Self::MAX_SEGMENTS || !path.starts_with('/') {
+            return path_matches(text, path);
+        }
+        for (i, want) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            if want == "**" && last {
+                return true;
+            }
+            let Some(got) = path_segments.get(i) else {
+                return false;
+            };
+            let ok = match want.as_str() {
+                "*" => !got.is_empty(),
+                _ if last => got.starts_with(want.as_str()),
+                _ => got == want,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether `path` falls under `pattern`: a prefix, segment by segment, where a `*` segment
+/// matches any one segment, a last `**` anything below, and a last plain segment any segment
+/// starting with it (`/waves/v1/lightning` covers `/waves/v1/lightning-v2/get_speech`).
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    if !pattern.contains('*') {
+        return path.starts_with(pattern);
+    }
+    let mut path_segments = path.split('/');
+    let mut pattern_segments = pattern.split('/').peekable();
+    while let Some(want) = pattern_segments.next() {
+        let last = pattern_segments.peek().is_none();
+        if want == "**" && last {
+            return true;
+        }
+        let Some(got) = path_segments.next() else {
+            return false;
+        };
+        let ok = match want {
+            "*" => !got.is_empty(),
+            _ if last => got.starts_with(want),
+            _ => got == want,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 /// Counters and gauges of one class, cloned from their families once.
@@ -177,6 +278,7 @@ struct ClassMetrics {
     throttled_429: Counter,
     throttled_503: Counter,
     retries: Counter,
+    concurrency: Gauge,
 }
 
 impl ClassMetrics {
@@ -213,6 +315,7 @@ impl ClassMetrics {
             throttled_429: throttled(429),
             throttled_503: throttled(503),
             retries: metrics.upstream_retries.get_or_create(&class).clone(),
+            concurrency: metrics.limit_concurrency.get_or_create(&class).clone(),
         }
     }
 }
@@ -221,10 +324,21 @@ impl ClassMetrics {
 pub struct Class {
     pub limits: ClassLimits,
     requests: Option<Arc<Semaphore>>,
+    /// The request limit in force (0 = unlimited); it moves when learned.
+    limit: AtomicUsize,
+    /// Permits to forget as they come back, after the limit fell below what was held.
+    debt: AtomicUsize,
+    /// Requests of this class holding a slot on this replica.
+    requests_held: AtomicUsize,
+    /// `max_concurrent = "auto"`.
+    learning: Option<auto::Learning>,
     websockets: Option<Arc<Semaphore>>,
     rate: Option<DefaultDirectRateLimiter>,
-    /// FIFO gate for pacing (pause and rate) and for the shared-slot poll loop.
+    /// FIFO gate for pacing (pause and rate).
     gate: tokio::sync::Mutex<()>,
+    /// FIFO gates for a slot, one per kind (requests, WebSockets): the holder is the head of
+    /// that queue and the only one waiting for a slot, in Redis or local.
+    slot_gates: [tokio::sync::Mutex<()>; 2],
     waiting: AtomicUsize,
     paused_until: Mutex<Option<Instant>>,
     shared: Option<Arc<SharedStore>>,
@@ -241,22 +355,180 @@ impl Class {
             let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
             Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(burst)))
         });
+        let limit = limits.max_concurrent.initial();
+        let metrics = ClassMetrics::new(&limits.name, metrics);
+        metrics.concurrency.set(limit as i64);
         Class {
-            requests: semaphore(limits.max_concurrent),
+            requests: semaphore(limit),
+            limit: AtomicUsize::new(limit),
+            debt: AtomicUsize::new(0),
+            requests_held: AtomicUsize::new(0),
+            learning: (limits.max_concurrent == Concurrency::Auto).then(auto::Learning::default),
             websockets: semaphore(limits.max_websockets),
             rate,
             gate: tokio::sync::Mutex::new(()),
+            slot_gates: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
             waiting: AtomicUsize::new(0),
             paused_until: Mutex::new(None),
             shared,
             shared_freed: tokio::sync::Notify::new(),
-            metrics: ClassMetrics::new(&limits.name, metrics),
+            metrics,
             limits,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.limits.name
+    }
+
+    /// The request limit in force now (0 = unlimited).
+    pub fn concurrency(&self) -> usize {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// Whether the request limit is learned (`max_concurrent = "auto"`).
+    pub fn learns(&self) -> bool {
+        self.learning.is_some()
+    }
+
+    /// Move the request limit to `new` (the caller holds the learning lock, so changes never
+    /// interleave): permits are added, or forgotten now and as held ones come back.
+    /// With `publish`, a learned change is written to Redis for the other replicas.
+    fn set_limit(&self, new: usize, publish: bool) {
+        let new = new.max(1);
+        let old = self.limit.swap(new, Ordering::AcqRel);
+        if let Some(store) = self.shared.as_ref().filter(|s| publish && new != old && s.is_up()) {
+            let (store, class) = (store.clone(), self.name().to_string());
+            let raised_from = (new > old).then_some(old);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { store.publish_limit(&class, new, raised_from).await });
+            }
+        }
+        if let Some(semaphore) = &self.requests {
+            if new > old {
+                let mut add = new - old;
+                while add > 0 {
+                    let owed = self.debt.load(Ordering::Acquire);
+                    if owed == 0 {
+                        break;
+                    }
+                    if self
+                        .debt
+                        .compare_exchange(owed, owed - 1, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        add -= 1;
+                    }
+                }
+                semaphore.add_permits(add);
+            } else if new < old {
+                let fewer = old - new;
+                let forgotten = semaphore.forget_permits(fewer);
+                self.debt.fetch_add(fewer - forgotten, Ordering::AcqRel);
+            }
+        }
+        self.metrics.concurrency.set(new as i64);
+        if new != old {
+            tracing::info!(class = self.name(), from = old, to = new, "concurrency limit learned");
+        }
+    }
+
+    /// Follow the learned limit another replica wrote to Redis.
+    fn adopt_shared_limit(&self, shared: usize) {
+        if let Some(learning) = &self.learning {
+            if shared > 0 && shared != self.concurrency() {
+                learning.adopt(shared);
+                self.set_limit(shared, false);
+            }
+        }
+    }
+
+    /// A returning permit pays one unit of debt (it is forgotten instead of released).
+    fn take_debt(&self) -> bool {
+        let mut owed = self.debt.load(Ordering::Acquire);
+        while owed > 0 {
+            match self
+                .debt
+                .compare_exchange(owed, owed - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => owed = now,
+            }
+        }
+        false
+    }
+
+    /// The upstream answered `permit`'s request with a 429. For a learning class this lowers
+    /// the limit and says what kind of 429 it was; `None` for a class with a fixed limit.
+    pub fn throttled(&self, permit: &mut Permit) -> Option<auto::Throttle> {
+        let learning = self.learning.as_ref()?;
+        if permit.kind != Kind::Request {
+            return None;
+        }
+        permit.throttled = true;
+        let limit = self.concurrency();
+        Some(learning.throttled(permit.level, limit, |new| self.set_limit(new, true)))
+    }
+
+    fn completed(&self, level: usize, admitted: auto::Admitted) {
+        if let Some(learning) = &self.learning {
+            let queued = self.waiting.load(Ordering::Acquire) > 0;
+            learning.completed(level, admitted, self.concurrency(), queued, |new| {
+                self.set_limit(new, true)
+            });
+        }
+    }
+
+    /// The banner's words for this class.
+    pub fn describe(&self) -> String {
+        let l = &self.limits;
+        let mut parts = Vec::new();
+        match l.max_concurrent {
+            Concurrency::Fixed(0) => {}
+            Concurrency::Fixed(n) => parts.push(format!("{n} concurrent")),
+            Concurrency::Auto => parts.push(format!("auto concurrent (now {})", self.concurrency())),
+        }
+        if l.rate > 0 {
+            parts.push(format!(
+                "{}/{} burst {}",
+                l.rate,
+                humantime::format_duration(l.per),
+                l.burst
+            ));
+        }
+        if l.max_websockets > 0 {
+            parts.push(format!("{} websockets", l.max_websockets));
+        }
+        if l.websocket_messages {
+            parts.push("each WebSocket synthesis counted".into());
+        }
+        let limits = if parts.is_empty() {
+            "unlimited".to_string()
+        } else {
+            parts.join(", ")
+        };
+        if l.paths.is_empty() {
+            format!("{}: {limits}", l.name)
+        } else {
+            let source = if l.from_profile { "profile " } else { "" };
+            format!("{} ({source}{}): {limits}", l.name, l.paths.join(" "))
+        }
+    }
+
+    /// This class in `/ready`.
+    pub fn status(&self) -> serde_json::Value {
+        let l = &self.limits;
+        serde_json::json!({
+            "paths": l.paths,
+            "from_profile": l.from_profile,
+            "concurrency": if l.max_concurrent.is_limited() { serde_json::json!(self.concurrency()) } else { serde_json::json!("unlimited") },
+            "learned": self.learning.is_some(),
+            "adjusted": self.learning.as_ref().is_some_and(|l| l.adjusted()),
+            "in_flight": self.requests_held.load(Ordering::Acquire),
+            "queued": self.queue_depth(),
+            "max_websockets": l.max_websockets,
+            "websocket_messages": l.websocket_messages,
+        })
     }
 
     /// Wait (FIFO) for admission. Dropping the future (client gone) leaves the queue.
@@ -277,14 +549,28 @@ impl Class {
         }
 
         let limit = match kind {
-            Kind::Request => self.limits.max_concurrent,
+            Kind::Request if self.requests.is_some() => self.concurrency(),
+            Kind::Request => 0,
             Kind::WebSocket => self.limits.max_websockets,
         };
         let mut slot = Slot::Unlimited;
+        let mut shared_level = 0;
         if limit > 0 {
+            let slot_gate = &self.slot_gates[match kind {
+                Kind::Request => 0,
+                Kind::WebSocket => 1,
+            }];
+            let _turn = match slot_gate.try_lock() {
+                Ok(turn) => turn,
+                Err(_) => {
+                    self.enter_queue(&mut queued)?;
+                    self.by(deadline, slot_gate.lock()).await?
+                }
+            };
             if let Some(store) = self.shared.as_ref().filter(|s| s.is_up()) {
-                if let Some(lease) = self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
+                if let Some((lease, level)) = self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
                     slot = Slot::Shared(lease);
+                    shared_level = level;
                 }
             }
             if matches!(slot, Slot::Unlimited) {
@@ -294,14 +580,27 @@ impl Class {
         drop(queued);
         self.metrics.admitted.inc();
         self.metrics.wait.observe(started.elapsed().as_secs_f64());
-        match kind {
-            Kind::Request => self.metrics.in_flight.inc(),
-            Kind::WebSocket => self.metrics.websockets.inc(),
+        let level = match kind {
+            Kind::Request => {
+                self.metrics.in_flight.inc();
+                (self.requests_held.fetch_add(1, Ordering::AcqRel) + 1).max(shared_level)
+            }
+            Kind::WebSocket => {
+                self.metrics.websockets.inc();
+                0
+            }
+        };
+        let learned = match (&self.learning, kind, &slot) {
+            (Some(learning), Kind::Request, Slot::Local(_) | Slot::Shared(_)) => learning.admitted(level),
+            _ => auto::Admitted::default(),
         };
         Ok(Permit {
             class: self.clone(),
             kind,
-            _slot: slot,
+            level,
+            learned,
+            throttled: false,
+            slot,
         })
     }
 
@@ -333,8 +632,9 @@ impl Class {
     }
 
     /// A slot from Redis. `Ok(None)` means Redis failed: the caller falls back to a local slot.
-    /// Only the head of this replica's queue polls Redis (behind the gate), with a short
-    /// backoff, and a local release wakes it at once; see `redis.rs` for why polling.
+    /// Only the head of this replica's queue polls Redis (the caller holds the kind's slot
+    /// gate), with a short backoff, and a local release wakes it at once; see `redis.rs` for
+    /// why polling.
     async fn shared_slot<'a>(
         &'a self,
         store: &Arc<SharedStore>,
@@ -342,23 +642,23 @@ impl Class {
         limit: usize,
         deadline: Instant,
         queued: &mut Option<Queued<'a>>,
-    ) -> Result<Option<SharedLease>, Shed> {
+    ) -> Result<Option<(SharedLease, usize)>, Shed> {
         let kind_key = match kind {
             Kind::Request => "requests",
             Kind::WebSocket => "websockets",
         };
-        let _gate = match self.gate.try_lock() {
-            Ok(gate) => gate,
-            Err(_) => {
-                self.enter_queue(queued)?;
-                self.by(deadline, self.gate.lock()).await?
-            }
-        };
         let mut backoff = redis::POLL_MIN;
         loop {
-            match store.try_acquire(self.name(), kind_key, limit).await {
-                Ok(Some(lease)) => return Ok(Some(lease)),
-                Ok(None) => {}
+            let learned = kind == Kind::Request && self.learning.is_some();
+            match store.try_acquire(self.name(), kind_key, limit, learned).await {
+                Ok((got, shared_limit)) => {
+                    if learned {
+                        self.adopt_shared_limit(shared_limit);
+                    }
+                    if got.is_some() {
+                        return Ok(got);
+                    }
+                }
                 Err(()) => return Ok(None),
             }
             self.enter_queue(queued)?;
@@ -478,6 +778,11 @@ impl Class {
         }
     }
 
+    /// Count a resend that waits no backoff (a throttled probe's).
+    pub fn count_resend(&self) {
+        self.metrics.retries.inc();
+    }
+
     /// How long to wait before resend `attempt` (1-based): the rest of the class's pause, or
     /// an exponential backoff with full jitter, whichever is longer.
     pub fn resend_delay(&self, attempt: u32) -> Duration {
@@ -508,20 +813,31 @@ impl Drop for Queued<'_> {
 
 enum Slot {
     Unlimited,
-    Local(#[allow(dead_code)] OwnedSemaphorePermit),
-    Shared(#[allow(dead_code)] SharedLease),
+    Local(OwnedSemaphorePermit),
+    Shared(SharedLease),
 }
 
 /// Admission to a class, held for the life of the response body or WebSocket tunnel.
 pub struct Permit {
     class: Arc<Class>,
     kind: Kind,
-    _slot: Slot,
+    /// Requests of the class in flight when this one was admitted, itself included.
+    level: usize,
+    /// What a learning class admitted it as (a probe or not, and when).
+    learned: auto::Admitted,
+    /// The upstream answered 429: this request does not count as a success when it ends.
+    throttled: bool,
+    slot: Slot,
 }
 
 impl Permit {
     pub fn class(&self) -> &Arc<Class> {
         &self.class
+    }
+
+    /// Requests of the class in flight when this one was admitted, itself included.
+    pub fn level(&self) -> usize {
+        self.level
     }
 }
 
@@ -537,11 +853,29 @@ impl std::fmt::Debug for Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         match self.kind {
-            Kind::Request => self.class.metrics.in_flight.dec(),
-            Kind::WebSocket => self.class.metrics.websockets.dec(),
+            Kind::Request => {
+                self.class.metrics.in_flight.dec();
+                self.class.requests_held.fetch_sub(1, Ordering::AcqRel);
+                if !self.throttled && !matches!(self.slot, Slot::Unlimited) {
+                    self.class.completed(self.level, self.learned);
+                }
+                if let Some(learning) = &self.class.learning {
+                    learning.ended(self.learned);
+                }
+            }
+            Kind::WebSocket => {
+                self.class.metrics.websockets.dec();
+            }
         };
-        if matches!(self._slot, Slot::Shared(_)) {
-            self.class.shared_freed.notify_one();
+        match std::mem::replace(&mut self.slot, Slot::Unlimited) {
+            Slot::Shared(lease) => {
+                drop(lease);
+                self.class.shared_freed.notify_one();
+            }
+            // After the limit fell, a returning request permit is forgotten, not released.
+            Slot::Local(permit) if self.kind == Kind::Request && self.class.take_debt() => permit.forget(),
+            Slot::Local(permit) => drop(permit),
+            Slot::Unlimited => {}
         }
     }
 }
@@ -585,11 +919,170 @@ mod tests {
 
     #[test]
     fn the_banner_line_lists_each_class() {
-        let limiter = limiter("[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/lightning\"]\nmax_concurrent = 1\nmax_websockets = 5\n");
+        let users = limiter("[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/lightning\"]\nmax_concurrent = 1\nmax_websockets = 5\n");
         assert_eq!(
-            limiter.describe(),
-            "default: unlimited; tts: 1 concurrent, 5 websockets"
+            users.describe(),
+            "default: unlimited; tts (/waves/v1/lightning): 1 concurrent, 5 websockets, each WebSocket synthesis counted"
         );
+        let profile = limiter("");
+        assert_eq!(
+            profile.describe(),
+            "default: unlimited; tts (profile /waves/v1/tts /waves/v1/tts/live /waves/v1/*/get_speech /waves/v1/*/get_speech/stream /waves/v1/*/stream /waves/v1/streaming-tts/**): auto concurrent (now 1), 5 websockets, each WebSocket synthesis counted"
+        );
+    }
+
+    #[test]
+    fn the_smallest_profile_puts_every_tts_path_in_one_class_by_default() {
+        let limiter = limiter("");
+        for path in [
+            "/waves/v1/tts",
+            "/waves/v1/tts/live",
+            "/waves/v1/lightning/get_speech",
+            "/waves/v1/lightning-v2/get_speech",
+            "/waves/v1/lightning-large/get_speech/stream",
+            "/waves/v1/lightning-v2/stream",
+            "/waves/v1/streaming-tts/lightning/stream",
+            "/waves/v1/streaming-tts",
+        ] {
+            let class = limiter.class_for(path);
+            assert_eq!(class.name(), "tts", "{path}");
+            assert!(
+                Arc::ptr_eq(class, limiter.class_for("/waves/v1/tts")),
+                "one class, one queue"
+            );
+        }
+        for path in [
+            "/waves/v1/lightning/get_voices",
+            "/waves/v1/pulse/get_text",
+            "/api/v1/pulse/get_text",
+            "/waves/v1/voices",
+            "/",
+        ] {
+            assert_eq!(limiter.class_for(path).name(), "default", "{path}");
+        }
+        let tts = limiter.class_for("/waves/v1/tts");
+        assert!(tts.learns());
+        assert_eq!(tts.concurrency(), 1, "auto starts at one");
+        assert_eq!(tts.limits.max_websockets, 5);
+        assert!(tts.limits.websocket_messages);
+        let status = limiter.status();
+        assert_eq!(status["tts"]["concurrency"], 1);
+        assert_eq!(status["tts"]["learned"], true);
+        assert_eq!(status["default"]["concurrency"], "unlimited");
+    }
+
+    #[test]
+    fn the_parsed_patterns_match_as_path_matches_does() {
+        let patterns = [
+            "/waves/v1/*/get_speech",
+            "/waves/v1/streaming-tts/**",
+            "/a/*",
+            "/x/**",
+            "/waves/v1/tts",
+        ];
+        let paths = [
+            "/waves/v1/lightning/get_speech",
+            "/waves/v1/lightning/get_speech/stream",
+            "/waves/v1//get_speech",
+            "/waves/v1/streaming-tts",
+            "/waves/v1/streaming-tts/a/b",
+            "/a/b",
+            "/a/",
+            "/a",
+            "/x",
+            "/waves/v1/tts/live",
+            "/",
+            "*",
+        ];
+        for pattern in patterns {
+            let parsed = PathPattern::new(pattern);
+            for path in paths {
+                let segments: Vec<&str> = path.split('/').skip(1).collect();
+                assert_eq!(
+                    parsed.matches(path, &segments),
+                    path_matches(pattern, path),
+                    "{pattern} {path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_users_classes_win_for_their_paths_and_the_profile_can_be_turned_off() {
+        let users = limiter(
+            "[[limits.class]]\nname = \"batch\"\npaths = [\"/waves/v1/lightning-large\"]\nmax_concurrent = 3\n[[limits.class]]\nname = \"everything\"\npaths = [\"/waves/v2\"]\n",
+        );
+        assert_eq!(users.class_for("/waves/v1/lightning-large/get_speech").name(), "batch");
+        assert_eq!(users.class_for("/waves/v1/lightning/get_speech").name(), "tts");
+        assert_eq!(users.class_for("/waves/v1/tts/live").name(), "tts");
+        // A shorter path the user wrote still wins over the profile's longer one.
+        let broad = limiter("[[limits.class]]\nname = \"mine\"\npaths = [\"/waves\"]\n");
+        assert_eq!(broad.class_for("/waves/v1/tts").name(), "mine");
+        // A class named like the profile's replaces it, keeping its paths; a number stops learning.
+        let fixed = limiter("[[limits.class]]\nname = \"tts\"\nmax_concurrent = 2\n");
+        let tts = fixed.class_for("/waves/v1/lightning/get_speech/stream");
+        assert_eq!(tts.name(), "tts");
+        assert!(!tts.learns());
+        assert_eq!(tts.concurrency(), 2);
+        assert_eq!(fixed.classes().len(), 2);
+        let off = limiter("[limits]\nprofile = \"none\"\n");
+        assert_eq!(off.class_for("/waves/v1/tts").name(), "default");
+        assert_eq!(off.classes().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_limit_rises_and_falls_with_the_slots() {
+        let limiter = limiter("[limits]\nqueue_timeout = \"10s\"\n");
+        let class = limiter.class_for("/waves/v1/tts").clone();
+        // One request at a time with nobody waiting is not demand above the limit.
+        for _ in 0..auto::RAISE_AFTER * 2 {
+            let permit = class.admit(Kind::Request).await.expect("admitted");
+            assert_eq!(permit.level(), 1);
+        }
+        assert_eq!(class.concurrency(), 1);
+        // With a request queued behind each one, five completions raise the limit.
+        let mut held = class.admit(Kind::Request).await.expect("admitted");
+        for _ in 0..auto::RAISE_AFTER {
+            let next = tokio::spawn({
+                let class = class.clone();
+                async move { class.admit(Kind::Request).await }
+            });
+            while class.queue_depth() == 0 {
+                tokio::task::yield_now().await;
+            }
+            drop(held);
+            held = next.await.unwrap().expect("admitted");
+        }
+        drop(held);
+        assert_eq!(class.concurrency(), 2, "five saturated completions raise the limit");
+        let first = class.admit(Kind::Request).await.expect("first");
+        let mut probe = class.admit(Kind::Request).await.expect("a second slot now");
+        assert_eq!(probe.level(), 2);
+        assert_eq!(class.throttled(&mut probe), Some(auto::Throttle::Probe));
+        assert_eq!(class.concurrency(), 1);
+        // Both slots are held; the limit of one holds once they come back.
+        let waiter = tokio::spawn({
+            let class = class.clone();
+            async move { class.admit(Kind::Request).await.map(|p| p.level()) }
+        });
+        tokio::task::yield_now().await;
+        drop(probe);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the probe's slot was forgotten, not handed on");
+        drop(first);
+        assert_eq!(waiter.await.unwrap().expect("admitted"), 1);
+        assert_eq!(class.status()["adjusted"], true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_limit_never_learns() {
+        let limiter = limiter("[[limits.class]]\nname = \"tts\"\nmax_concurrent = 1\n");
+        let class = limiter.class_for("/waves/v1/tts").clone();
+        for _ in 0..20 {
+            let mut permit = class.admit(Kind::Request).await.expect("admitted");
+            assert_eq!(class.throttled(&mut permit), None);
+        }
+        assert_eq!(class.concurrency(), 1);
     }
 
     #[test]

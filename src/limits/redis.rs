@@ -6,6 +6,10 @@
 //!   is renewed every `lease / 3`; a replica killed with `kill -9` stops renewing, and its
 //!   slots free themselves within `lease`.
 //! - The rate is GCRA in one Lua script over a single "theoretical arrival time" key.
+//! - A learned concurrency limit (`max_concurrent = "auto"`) is one key per class: the acquire
+//!   script uses it in place of the replica's own limit and returns it, so every replica
+//!   follows the same limit; a replica that learns a lower limit writes it at once (only ever
+//!   lowering it), and a raise is written only over the value it was raised from.
 //! - Waiting replicas poll, with backoff from 5 ms to 50 ms, and only the head of each replica's
 //!   queue polls. We chose polling over pub/sub: it needs no second connection per replica,
 //!   survives Redis restarts without resubscribing, and bounds the delay to learn of a freed
@@ -29,17 +33,37 @@ pub const POLL_MAX: Duration = Duration::from_millis(50);
 /// How often a down store probes Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Returns {slots held with this one (0 = none free), the limit used}.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
+local max = tonumber(ARGV[1])
+if ARGV[4] == '1' then
+  local learned = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if learned > 0 then max = learned end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+local held = redis.call('ZCARD', KEYS[1])
+if held < max then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], lease * 2)
-  return 1
+  return {held + 1, max}
 end
-return 0
+return {0, max}
+"#;
+
+/// A learned limit: `lower` only ever lowers it; a raise applies only over the value it was
+/// raised from (two replicas raising at once raise it once). Kept a day after the last change.
+const SET_LIMIT: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new = tonumber(ARGV[1])
+if (ARGV[2] == 'lower' and (current == 0 or new < current))
+   or (ARGV[2] == 'raise' and (current == 0 or current == tonumber(ARGV[3]))) then
+  redis.call('SET', KEYS[1], new, 'EX', 86400)
+  return new
+end
+return current
 "#;
 
 const RENEW: &str = r#"
@@ -81,6 +105,7 @@ pub struct SharedStore {
     acquire: redis::Script,
     renew: redis::Script,
     rate: redis::Script,
+    set_limit: redis::Script,
 }
 
 impl SharedStore {
@@ -100,6 +125,7 @@ impl SharedStore {
             acquire: redis::Script::new(ACQUIRE),
             renew: redis::Script::new(RENEW),
             rate: redis::Script::new(RATE),
+            set_limit: redis::Script::new(SET_LIMIT),
         });
         store.clone().spawn_probe();
         Ok(store)
@@ -123,26 +149,54 @@ impl SharedStore {
         format!("{}:{}:{}", self.prefix, class, what)
     }
 
-    /// Take a slot if fewer than `max` are held. `Err` = Redis failed (already marked down).
-    pub async fn try_acquire(self: &Arc<Self>, class: &str, kind: &str, max: usize) -> Result<Option<SharedLease>, ()> {
+    /// Take a slot if fewer than the limit are held, with how many are held now (this one
+    /// included). The limit is `max`, or with `learned` the class's shared learned limit when
+    /// one is set; the limit used comes back either way. `Err` = Redis failed (already marked
+    /// down).
+    pub async fn try_acquire(
+        self: &Arc<Self>,
+        class: &str,
+        kind: &str,
+        max: usize,
+        learned: bool,
+    ) -> Result<(Option<(SharedLease, usize)>, usize), ()> {
         let key = self.key(class, kind);
         let id = format!("{:032x}", rand::random::<u128>());
         let lease_ms = self.lease.as_millis() as u64;
         let mut invocation = self.acquire.key(&key);
-        invocation.arg(max).arg(lease_ms).arg(&id);
-        let got: i64 = self
+        invocation.key(self.key(class, "concurrency"));
+        invocation
+            .arg(max)
+            .arg(lease_ms)
+            .arg(&id)
+            .arg(if learned { "1" } else { "0" });
+        let (got, limit): (i64, i64) = self
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
-        if got != 1 {
-            return Ok(None);
+        let limit = usize::try_from(limit).unwrap_or(max);
+        if got < 1 {
+            return Ok((None, limit));
         }
         let renewer = tokio::spawn(renew_while_held(Arc::downgrade(self), key.clone(), id.clone()));
-        Ok(Some(SharedLease {
+        let lease = SharedLease {
             store: self.clone(),
             key,
             id,
             renewer,
-        }))
+        };
+        Ok((Some((lease, usize::try_from(got).unwrap_or(1))), limit))
+    }
+
+    /// Write a learned limit for every replica: `raised_from` is `None` for a lower limit.
+    pub async fn publish_limit(&self, class: &str, limit: usize, raised_from: Option<usize>) {
+        let mut invocation = self.set_limit.key(self.key(class, "concurrency"));
+        match raised_from {
+            None => invocation.arg(limit).arg("lower").arg(0),
+            Some(from) => invocation.arg(limit).arg("raise").arg(from),
+        };
+        let _: Result<i64, ()> = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await;
     }
 
     /// GCRA wait for one arrival at `rate` per `per` with `burst`. `Err` = Redis failed.

@@ -15,6 +15,7 @@ pub mod refusal;
 pub mod resend;
 pub mod rewrite;
 pub mod route;
+pub mod synthesis;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -118,9 +119,11 @@ impl Proxy {
         exchange: &Arc<Exchange>,
         hop: Hop,
     ) -> Result<Response<ProxyBody>, Stop> {
-        // One load: this request (and its tunnel, if any) keeps this key even if it rotates
-        // now; only a 401 resend switches it, explicitly.
-        let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
+        // Refused before it queues when no key is loaded at all; the key it is sent with is
+        // loaded after admission (below).
+        if self.keys.current().is_none() {
+            return Err(ProxyError::KeyUnavailable.into());
+        }
         // What the fallback route needs to send the request as the client sent it: never the
         // headers rewritten for this route (its Host, its key).
         let mut handover = (hop == Hop::First).then(|| Handover::keep(&req));
@@ -137,8 +140,13 @@ impl Proxy {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, id);
         }
+        let count_syntheses = websocket && class.limits.websocket_messages;
         let body = if websocket {
             upgrade::restore_upgrade_headers(&mut headers);
+            if count_syntheses {
+                // The counting tunnel reads frames: they must not be compressed.
+                synthesis::strip_deflate(&mut headers);
+            }
             // A handshake is sent without a body; a client's Content-Length left in place made
             // the upstream wait for bytes that never come (found by tests/fuzz.rs).
             headers.remove(http::header::CONTENT_LENGTH);
@@ -164,18 +172,19 @@ impl Proxy {
             limits::Kind::Request
         };
         let admitting = std::time::Instant::now();
-        let permit = Box::pin(class.admit(kind))
-            .await
-            .map_err(|shed| ProxyError::RateLimited {
-                message: shed.message(),
-                retry_after: shed.retry_after,
-            })?;
+        let mut permit = Box::pin(class.admit(kind)).await.map_err(shed_error)?;
         exchange.set_queue_wait(admitting.elapsed());
+        // The key is loaded when the request is sent, not when it arrived: one that waited in
+        // the queue across a rotation goes out with the new key, not the old one and a 401
+        // resend. One load: this request (and its tunnel, if any) keeps this key even if it
+        // rotates now; only a 401 resend switches it, explicitly.
+        let mut key = self.keys.current().ok_or(ProxyError::KeyUnavailable)?;
 
         // Set by a capped streaming body that passed listen.max_body_size.
         let body_too_large = Arc::new(AtomicBool::new(false));
         let mut resent_after_401 = false;
         let mut resends_after_throttle = 0;
+        let mut resends_after_probe = 0;
         let response = loop {
             // The headers travel with the attempt and come back with its response (a resend
             // needs them again): not copied per request.
@@ -248,6 +257,25 @@ impl Proxy {
                 // if it can be resent, after the pause or a jittered backoff.
                 let wait = limits::parse_retry_after(response.headers().get(http::header::RETRY_AFTER))
                     .unwrap_or(limits::DEFAULT_UPSTREAM_PAUSE);
+                // A learning class (`max_concurrent = "auto"`) lowers its limit to the level
+                // the upstream accepted. A 429 to a probe above that level is the answer the
+                // probe asked for: resend at once, back in the queue under the lower limit.
+                let learned = if status == StatusCode::TOO_MANY_REQUESTS && !websocket {
+                    class.throttled(&mut permit)
+                } else {
+                    None
+                };
+                if learned == Some(limits::auto::Throttle::Probe)
+                    && replayable.is_some()
+                    && resends_after_probe < MAX_PROBE_RESENDS
+                {
+                    resends_after_probe += 1;
+                    class.count_resend();
+                    tracing::debug!(request_id, limit = class.concurrency(), "probe throttled; resending");
+                    drop(response);
+                    permit = readmit(&class, permit).await?;
+                    continue;
+                }
                 class.pause(status.as_u16(), wait);
                 if replayable.is_some() && resends_after_throttle < class.limits.upstream_retries {
                     resends_after_throttle += 1;
@@ -259,7 +287,13 @@ impl Proxy {
                         "upstream throttled; resending"
                     );
                     drop(response);
-                    tokio::time::sleep(delay).await;
+                    if learned.is_some() {
+                        // Back in the queue: admission waits out the pause, then for a slot
+                        // under the lowered limit, so the resend does not add to the overload.
+                        permit = readmit(&class, permit).await?;
+                    } else {
+                        tokio::time::sleep(delay).await;
+                    }
                     continue;
                 }
             }
@@ -290,6 +324,7 @@ impl Proxy {
                     permit,
                     self.bounds.stream_idle_timeout,
                     &self.tunnels,
+                    count_syntheses.then(|| class.clone()),
                 ));
             }
         }
@@ -321,6 +356,22 @@ pub(crate) fn answer(forwarded: Result<Response<ProxyBody>, Stop>, request_id: &
         }
     }
     response
+}
+
+/// Resends after 429s to probes, per request: each lowers the limit, so few can happen.
+const MAX_PROBE_RESENDS: u32 = 8;
+
+fn shed_error(shed: limits::Shed) -> ProxyError {
+    ProxyError::RateLimited {
+        message: shed.message(),
+        retry_after: shed.retry_after,
+    }
+}
+
+/// Give the slot back and wait for a new one (FIFO, behind those already waiting).
+async fn readmit(class: &Arc<limits::Class>, permit: limits::Permit) -> Result<limits::Permit, ProxyError> {
+    drop(permit);
+    Box::pin(class.admit(limits::Kind::Request)).await.map_err(shed_error)
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh random one.

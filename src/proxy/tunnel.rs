@@ -27,6 +27,10 @@ pub const BOUNDARY_GRACE: Duration = Duration::from_secs(2);
 pub const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// WebSocket close code 1001: the endpoint is going away (server shutdown).
 pub const GOING_AWAY: u16 = 1001;
+/// WebSocket close code 1011: the server hit a condition it could not handle; the client gets
+/// it when the upstream drops the connection without a Close of its own.
+pub const INTERNAL_ERROR: u16 = 1011;
+pub const UPSTREAM_LOST: &str = "upstream connection lost";
 
 /// Every open tunnel of this run, and the signal that the drain deadline has passed.
 #[derive(Clone, Debug, Default)]
@@ -150,11 +154,14 @@ enum PumpEnd {
 }
 
 /// Copy `from` to `to`, tracking frames, until EOF, or after `close` until a frame boundary.
+/// With `close_on_eof`, an EOF that comes at a frame boundary with no Close frame before it
+/// (the peer dropped the connection) sends `to` a Close(1011) first.
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
     tracker: &mut FrameTracker,
     close: &CancellationToken,
+    close_on_eof: bool,
 ) -> std::io::Result<PumpEnd>
 where
     R: AsyncRead + Unpin,
@@ -176,6 +183,9 @@ where
             _ = sleep_until_opt(grace_ends), if closing => return Ok(PumpEnd::MidFrame),
         };
         if n == 0 {
+            if close_on_eof && tracker.closes_seen() == 0 && tracker.at_boundary() {
+                let _ = to.write_all(&close_frame(INTERNAL_ERROR, UPSTREAM_LOST, None)).await;
+            }
             let _ = to.shutdown().await;
             return Ok(PumpEnd::Eof);
         }
@@ -231,8 +241,8 @@ where
     let mut from_client = FrameTracker::default();
     let mut from_upstream = FrameTracker::default();
     let (up, down) = {
-        let up = pump(&mut client_read, &mut upstream_write, &mut from_client, &close);
-        let down = pump(&mut upstream_read, &mut client_write, &mut from_upstream, &close);
+        let up = pump(&mut client_read, &mut upstream_write, &mut from_client, &close, false);
+        let down = pump(&mut upstream_read, &mut client_write, &mut from_upstream, &close, true);
         tokio::pin!(up, down);
         let (mut up_end, mut down_end) = (None, None);
         loop {
@@ -417,7 +427,8 @@ mod tests {
         let tunnel = tokio::spawn(run(client_side, upstream_side, CancellationToken::new()));
         drop(upstream);
         assert_eq!(tunnel.await.unwrap().unwrap(), "closed by the upstream");
-        // The client sees the end of the stream.
+        // The client gets a Close(1011) saying why, then the end of the stream.
+        assert_eq!(read_close(&mut client).await, (false, INTERNAL_ERROR));
         let mut buf = [0u8; 1];
         assert_eq!(client.read(&mut buf).await.unwrap(), 0);
     }

@@ -8,6 +8,10 @@
 //! audio frames it has no business reading (it reads frame headers only, to know where a Close
 //! frame may go at the drain deadline: see `tunnel`). A tunnel with no byte in either direction
 //! for `upstream.stream_idle_timeout` is closed (a dead peer must not hold a WebSocket slot).
+//!
+//! A socket of a class with `websocket_messages` (the `smallest` profile's `tts`) runs the
+//! counting tunnel in `synthesis` instead, which reads whole frames to give each synthesis a
+//! request slot of the class.
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
@@ -18,9 +22,10 @@ use std::time::Duration;
 use super::body::ProxyBody;
 use super::rewrite::strip_hop_by_hop;
 use super::tunnel::{self, Tunnels};
-use crate::limits::Permit;
+use crate::limits::{Class, Permit};
 use crate::timeouts::{until_idle, Activity, ActivityIo};
 use crate::upstream::body::UpstreamBody;
+use std::sync::Arc;
 
 /// `Connection: upgrade` with `Upgrade: websocket` (tokens matched case-insensitively).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
@@ -50,7 +55,22 @@ pub fn open_tunnel(
     permit: Permit,
     idle_timeout: Duration,
     tunnels: &Tunnels,
+    count_syntheses: Option<Arc<Class>>,
 ) -> Response<ProxyBody> {
+    // The handshake went out without permessage-deflate; an upstream that negotiates it
+    // anyway sends compressed frames, which only the byte tunnel can carry.
+    let count_syntheses = count_syntheses.filter(|_| {
+        let negotiated = upstream_response
+            .headers()
+            .contains_key(header::SEC_WEBSOCKET_EXTENSIONS);
+        if negotiated {
+            tracing::warn!(
+                request_id,
+                "the upstream negotiated a WebSocket extension: syntheses on this socket are not counted"
+            );
+        }
+        !negotiated
+    });
     let upstream = hyper::upgrade::on(&mut upstream_response);
     let (mut parts, _empty) = upstream_response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -65,8 +85,16 @@ pub fn open_tunnel(
             (Ok(client), Ok(upstream)) => {
                 let activity = Activity::new();
                 let client = ActivityIo::new(TokioIo::new(client), activity.clone());
+                let ran = async {
+                    match count_syntheses {
+                        Some(class) => {
+                            super::synthesis::run(client, TokioIo::new(upstream), close, class, request_id.clone()).await
+                        }
+                        None => tunnel::run(client, TokioIo::new(upstream), close).await,
+                    }
+                };
                 tokio::select! {
-                    ran = tunnel::run(client, TokioIo::new(upstream), close) => match ran {
+                    ran = ran => match ran {
                         Ok(how) => tracing::debug!(request_id, how, "websocket tunnel closed"),
                         Err(e) => tracing::debug!(request_id, error = %e, "websocket tunnel ended with an error"),
                     },

@@ -6,6 +6,8 @@
 //! (the default, then every `[[route]]`) with its upstream, scheme, fallback, state and key.
 //! It answers 503 `key_rejected` (or `license_expired` / `quota_exceeded` for a self-hosted
 //! server) while the upstream refuses the default route's key.
+//! Under `limits`, each limit class of the default route in force with its current concurrency
+//! (learned or fixed).
 //!
 //! With `[admin] address` set, the three are also served on that separate listener, and
 //! `/metrics` only there: the scrape port can be opened to the cluster without opening the
@@ -25,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeyStore;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::route::Router;
@@ -38,7 +41,13 @@ pub fn is_admin_request<B>(req: &Request<B>) -> bool {
     matches!(req.uri().path(), HEALTH_PATH | READY_PATH | METRICS_PATH)
 }
 
-pub fn respond<B>(req: &Request<B>, keys: &KeyStore, routes: &Router, metrics: &Metrics) -> Response<ProxyBody> {
+pub fn respond<B>(
+    req: &Request<B>,
+    keys: &KeyStore,
+    routes: &Router,
+    limiter: &Limiter,
+    metrics: &Metrics,
+) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let body =
             serde_json::json!({"error": "admin endpoints answer GET and HEAD only", "code": "METHOD_NOT_ALLOWED"});
@@ -78,12 +87,13 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, routes: &Router, metrics: &
                     "rejections": rejected.count,
                     "key": status,
                     "routes": routes,
+                    "limits": limiter.status(),
                 });
                 json(StatusCode::SERVICE_UNAVAILABLE, &body)
             } else if status.ready {
                 json(
                     StatusCode::OK,
-                    &serde_json::json!({"status": "ready", "key": status, "routes": routes}),
+                    &serde_json::json!({"status": "ready", "key": status, "routes": routes, "limits": limiter.status()}),
                 )
             } else {
                 let body = serde_json::json!({
@@ -92,6 +102,7 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, routes: &Router, metrics: &
                     "code": "KEY_UNAVAILABLE",
                     "key": status,
                     "routes": routes,
+                    "limits": limiter.status(),
                 });
                 json(StatusCode::SERVICE_UNAVAILABLE, &body)
             }

@@ -108,7 +108,7 @@ impl App {
             let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
                 admin::metrics_elsewhere()
             } else {
-                admin::respond(&req, &state.keys.store, &state.routes, &self.metrics)
+                admin::respond(&req, &state.keys.store, &state.routes, &state.limiter, &self.metrics)
             };
             // Probes and scrapes are not API traffic: no access line, no request metrics.
             let (parts, body) = response.into_parts();
@@ -156,6 +156,6 @@ impl App {
             return admin::not_found();
         }
         let state = self.state.load();
-        admin::respond(req, &state.keys.store, &state.routes, &self.metrics)
+        admin::respond(req, &state.keys.store, &state.routes, &state.limiter, &self.metrics)
     }
 }

@@ -8,6 +8,7 @@ pub mod pattern;
 pub mod rotation;
 pub mod servers;
 pub mod smallest;
+pub mod standin;
 pub mod upstream;
 
 use bytes::Bytes;
