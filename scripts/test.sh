@@ -17,6 +17,9 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# tests/sdk.rs runs README.md's Node example with node and the `ws` package.
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""
@@ -37,6 +40,17 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+
+# Node packages for README.md's Node example (tests/sdk.rs), from the committed lock file into
+# tests/clients/node/node_modules; re-installed only when the lock file changes.
+node_dir="$root/tests/clients/node"
+node_stamp="$node_dir/node_modules/.lock.sha256"
+node_want=$(sha256sum "$node_dir/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_want" ]; then
+  echo "==> npm ci in tests/clients/node"
+  (cd "$node_dir" && npm ci --no-audit --no-fund --silent)
+  echo "$node_want" > "$node_stamp"
+fi
 
 # The container image's static binary (contrib/docker/Dockerfile), built the same way so the
 # tests can run it; there is no Docker engine on these machines.

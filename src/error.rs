@@ -30,7 +30,7 @@ pub enum ProxyError {
     ForbiddenHost(String),
     /// A browser page tried to spend the key.
     ForbiddenOrigin(String),
-    /// No usable key: the source has not answered yet, or the last good key is too old.
+    /// No usable key: the source has not given a valid one yet, or the last good key is too old.
     KeyUnavailable,
     /// The upstream could not be reached (refused, reset, DNS, ...).
     UpstreamUnavailable(String),
@@ -94,7 +94,7 @@ impl ProxyError {
             | ProxyError::PayloadTooLarge(m) => m.clone(),
             ProxyError::RateLimited { message, .. } => message.clone(),
             ProxyError::KeyUnavailable => {
-                "no API key is available yet: the key source has not answered (see /ready)".into()
+                "no usable API key: the key source has not given a valid one (/ready says why); nothing is served until it does".into()
             }
         }
     }

@@ -116,30 +116,24 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
-            println!(
-                "# effective configuration ({})",
-                cli.config
-                    .as_ref()
-                    .map_or("defaults and environment".to_string(), |p| p.display().to_string())
-            );
-            print!("{}", config.to_toml());
-            println!("\n# limit classes in force (your classes' paths first, then the profile's):");
-            for line in config.limits.describe_classes() {
-                println!("#   {line}");
+            // The same refusal as `run`, so a green check means the proxy would start.
+            if let Some(message) = missing_key_source(&config) {
+                eprintln!("{message}");
+                return ExitCode::from(2);
             }
+            print_check(&config, cli.config.as_deref());
             ExitCode::SUCCESS
         }
         Command::Health { url } => health(url, &config),
         Command::Run => {
-            if config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty())
-            {
-                eprintln!(
-                    "error: {} is not set: export {}=<your Smallest API key>, or pass --config FILE with a [key] source",
-                    config.key.env, config.key.env
-                );
+            if let Some(message) = missing_key_source(&config) {
+                eprintln!("{message}");
                 return ExitCode::from(2);
             }
             let log = init_logging(&config);
+            for name in smallest_proxy::config::ignored_service_links(&vars) {
+                tracing::debug!(variable = %name, "ignoring a Kubernetes service-link variable (not a config override)");
+            }
             let reload_from = ReloadFrom {
                 config_path: cli.config.clone(),
                 vars,
@@ -153,6 +147,84 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// `run` and `check` refuse a config whose key comes from an unset variable (exit 2).
+fn missing_key_source(config: &Config) -> Option<String> {
+    let unset =
+        config.key.source == KeySourceKind::Env && std::env::var_os(&config.key.env).is_none_or(|v| v.is_empty());
+    unset.then(|| {
+        format!(
+            "error: {} is not set: export {}=<your Smallest API key>, or pass --config FILE with a [key] source",
+            config.key.env, config.key.env
+        )
+    })
+}
+
+/// `check`'s report: the effective config (every value, defaults included), what unset
+/// options mean, the limit classes after inheritance, and the path policy's rules.
+fn print_check(config: &Config, path: Option<&std::path::Path>) {
+    println!(
+        "# effective configuration ({})",
+        path.map_or("defaults and environment".to_string(), |p| p.display().to_string())
+    );
+    print!("{}", config.to_toml());
+    println!();
+    println!("# in effect:");
+    match config.listen.tcp_address() {
+        Some(address) => println!("#   listen: http://{address}"),
+        None => println!("#   listen: no TCP listener"),
+    }
+    if let Some(socket) = &config.listen.unix_socket {
+        println!("#   listen: unix socket {}", socket.display());
+    }
+    println!(
+        "#   request bodies: {}",
+        config
+            .listen
+            .max_body_size
+            .map_or("no size cap".to_string(), |n| format!("at most {n} bytes"))
+    );
+    println!(
+        "#   admin endpoints: {}",
+        config
+            .admin
+            .address
+            .as_deref()
+            .map_or("on the main listener".to_string(), |a| format!("http://{a}"))
+    );
+    let key_place = match config.key.source {
+        KeySourceKind::Env => format!("environment variable {}", config.key.env),
+        KeySourceKind::File => format!(
+            "file {}",
+            config
+                .key
+                .file
+                .as_deref()
+                .map_or("?".into(), |p| p.display().to_string())
+        ),
+        _ => format!("{:?} source", config.key.source).to_ascii_lowercase(),
+    };
+    println!("#   key: from the {key_place}");
+    println!("# limit classes in force (your classes' paths first, then the profile's; 0 = unlimited):");
+    for line in config.limits.describe_classes() {
+        println!("#   {line}");
+    }
+    let preset = smallest_proxy::server::policy::preset_rules(&config.policy);
+    if preset.is_empty() && config.policy.allow.is_empty() && config.policy.deny.is_empty() {
+        println!("# path policy: none (every path is forwarded)");
+    } else {
+        println!("# path policy (a deny rule refuses; else an allow rule must match):");
+        for rule in &config.policy.deny {
+            println!("#   deny  {rule}");
+        }
+        for rule in preset {
+            println!("#   allow {rule}   (preset)");
+        }
+        for rule in &config.policy.allow {
+            println!("#   allow {rule}");
         }
     }
 }

@@ -232,6 +232,8 @@ pub struct KeyMetrics {
     store: ArcSwapOption<KeyStore>,
     retired_rotations: AtomicU64,
     retired_errors: AtomicU64,
+    retired_401: AtomicU64,
+    retired_403: AtomicU64,
 }
 
 impl KeyMetrics {
@@ -241,6 +243,8 @@ impl KeyMetrics {
             let status = old.status();
             self.retired_rotations.fetch_add(status.rotations, Ordering::Relaxed);
             self.retired_errors.fetch_add(status.refresh_errors, Ordering::Relaxed);
+            self.retired_401.fetch_add(status.upstream_401, Ordering::Relaxed);
+            self.retired_403.fetch_add(status.upstream_403, Ordering::Relaxed);
         }
     }
 }
@@ -266,6 +270,28 @@ impl Collector for KeyCollector {
             None,
             errors.metric_type(),
         )?)?;
+        let failures = self.0.store.load().as_ref().map(|store| store.status());
+        let mut family = encoder.encode_descriptor(
+            "upstream_auth_failures",
+            "Upstream 401 and 403 answers (a key the upstream refuses)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (code, count, retired) in [
+            (
+                "401",
+                failures.as_ref().map_or(0, |s| s.upstream_401),
+                &self.0.retired_401,
+            ),
+            (
+                "403",
+                failures.as_ref().map_or(0, |s| s.upstream_403),
+                &self.0.retired_403,
+            ),
+        ] {
+            let counter = ConstCounter::new(count + retired.load(Ordering::Relaxed));
+            counter.encode(family.encode_family(&[("status", code)])?)?;
+        }
         // Absent until a key is loaded: an age of 0 would read as "just refreshed".
         if let Some(age) = status.and_then(|s| s.age_seconds) {
             let age = ConstGauge::new(age as i64);

@@ -82,3 +82,94 @@ fn config_path_from_environment() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.scheme"));
 }
+
+#[test]
+fn check_refuses_a_missing_key_exactly_as_run_does() {
+    let checked = run(&["check"], &[]);
+    let ran = run(&["run"], &[]);
+    assert_eq!(checked.status.code(), Some(2));
+    assert_eq!(checked.status.code(), ran.status.code());
+    assert_eq!(checked.stderr, ran.stderr, "same message");
+    assert!(checked.stdout.is_empty());
+}
+
+#[test]
+fn check_prints_every_value_the_classes_and_the_preset_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[limits]\nmax_concurrent = 4\n[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/tts\"]\nmax_concurrent = 1\n[policy]\npreset = \"smallest\"\ndeny = [\"/waves/v1/chat/**\"]\n",
+    )
+    .unwrap();
+    let out = run(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("SMALLEST_API_KEY", "sk-never-printed")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "header_read_timeout = \"10s\"",
+        "max_queue = 1000",
+        "refresh_interval = \"5m\"",
+        "allow_logs = false",
+        "#   listen: http://127.0.0.1:8787",
+        "#   key: from the environment variable SMALLEST_API_KEY",
+        "#   default: every other path: max_concurrent 4",
+        "#   tts: /waves/v1/tts: max_concurrent 1, max_queue 1000, queue_timeout 30s",
+        "#   deny  /waves/v1/chat/**",
+        "#   allow POST /waves/v1/voice-cloning   (preset)",
+        "#   allow GET /waves/v1/analytics/**/timeseries   (preset)",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("analytics/*/logs"), "logs are off by default");
+    assert!(!stdout.contains("sk-never-printed"));
+}
+
+#[test]
+fn kubernetes_service_link_variables_do_not_stop_the_proxy() {
+    let links = [
+        ("SMALLEST_API_KEY", "sk-x"),
+        ("SMALLEST_PROXY_SERVICE_HOST", "10.96.0.12"),
+        ("SMALLEST_PROXY_SERVICE_PORT", "8787"),
+        ("SMALLEST_PROXY_SERVICE_PORT_HTTP", "8787"),
+        ("SMALLEST_PROXY_PORT", "tcp://10.96.0.12:8787"),
+        ("SMALLEST_PROXY_PORT_8787_TCP", "tcp://10.96.0.12:8787"),
+        ("SMALLEST_PROXY_PORT_8787_TCP_PROTO", "tcp"),
+        ("SMALLEST_PROXY_PORT_8787_TCP_PORT", "8787"),
+        ("SMALLEST_PROXY_PORT_8787_TCP_ADDR", "10.96.0.12"),
+    ];
+    let out = run(&["check"], &links);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut with_unknown = links.to_vec();
+    with_unknown.push(("SMALLEST_PROXY_LISTEN_ADRESS", "127.0.0.1:1"));
+    let out = run(&["check"], &with_unknown);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("environment variable SMALLEST_PROXY_LISTEN_ADRESS: does not name a config key"));
+}
+
+#[test]
+fn service_link_variables_are_logged_at_debug_when_the_proxy_runs() {
+    let (_dir, key) = support::key_dir();
+    let config = support::proxy_config_text("https://127.0.0.1:9", std::path::Path::new("/dev/null"), &key, "")
+        .replace("ca_file = \"/dev/null\"\n", "");
+    let proxy = support::ProxyProcess::spawn(
+        &config,
+        &[
+            ("RUST_LOG", "smallest_proxy=debug"),
+            ("SMALLEST_PROXY_SERVICE_HOST", "10.96.0.12"),
+            ("SMALLEST_PROXY_PORT_8787_TCP_ADDR", "10.96.0.12"),
+        ],
+    );
+    proxy.wait_for_log("SMALLEST_PROXY_SERVICE_HOST", 1, std::time::Duration::from_secs(10));
+    proxy.wait_for_log(
+        "SMALLEST_PROXY_PORT_8787_TCP_ADDR",
+        1,
+        std::time::Duration::from_secs(10),
+    );
+    assert!(proxy
+        .stderr_text()
+        .contains("ignoring a Kubernetes service-link variable"));
+}

@@ -281,6 +281,8 @@ async fn the_smallest_preset_refuses_risky_paths_until_switched_on() {
         (Method::DELETE, "/waves/v1/lightning-large"),
         (Method::POST, "/waves/v1/pronunciation-dicts"),
         (Method::POST, "/not/smallest"),
+        (Method::GET, "/waves/v1/analytics/asr/logs"),
+        (Method::DELETE, "/waves/v1/analytics/asr/history/r1"),
     ] {
         let (status, body) = call(&proxy, method.clone(), path).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");

@@ -10,8 +10,8 @@
 //! time, so `Config` can be printed (`smallest-proxy check`) and logged as it is.
 //!
 //! Each section is a file with its schema, defaults and checks (`listen`, `upstream` with
-//! `[auth]`, `key`, `limits`, `policy`, `log`, `admin`); this one holds the whole, loading,
-//! environment overrides, error positions and the duration format.
+//! `[auth]`, `key`, `limits`, `policy`, `log`, `admin`); `env` maps `SMALLEST_PROXY_*` names
+//! onto the schema; this one holds the whole, loading, error positions and the duration format.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod admin;
+mod env;
 mod key;
 mod limits;
 mod listen;
@@ -27,6 +28,7 @@ mod policy;
 mod upstream;
 
 pub use admin::*;
+pub use env::{ignored_service_links, is_service_link};
 pub use key::*;
 pub use limits::*;
 pub use listen::*;
@@ -117,12 +119,17 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
             message: first_line(e.message()),
         }
     })?;
-    let overridden = apply_env_overrides(&mut table, vars)?;
+    let overridden = env::apply(&mut table, vars)?;
 
     let locate = |key: &str| -> String {
         if let Some(var) = overridden
             .iter()
-            .find(|(k, _)| k == key || key.starts_with(&format!("{k}.")))
+            .find(|(k, _)| {
+                k == key
+                    || key.starts_with(&format!("{k}."))
+                    || key.starts_with(&format!("{k}["))
+                    || k.starts_with(&format!("{key}."))
+            })
             .map(|(_, v)| v)
         {
             return format!("environment variable {var}");
@@ -182,84 +189,6 @@ impl Config {
 pub fn host_is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Tables a `SMALLEST_PROXY_<SECTION>_<KEY>` variable can address, longest first so that
-/// `KEY_VAULT_AUTH_ROLE_ID` lands in `key.vault.auth` and not in `key`.
-const OVERRIDE_SECTIONS: &[&str] = &[
-    "listen",
-    "upstream",
-    "auth",
-    "key",
-    "key.vault",
-    "key.vault.auth",
-    "key.aws",
-    "policy",
-    "log",
-    "admin",
-];
-
-/// Merge `SMALLEST_PROXY_*` variables into the TOML tree. Returns (key path, variable name)
-/// for each applied override so errors can blame the variable. Values are typed the way a
-/// shell user means them: `true`/`false` are booleans, plain digits are integers, anything
-/// else is a string (so `"0660"` and `"5m"` stay strings).
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    vars: &[(String, String)],
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut applied = Vec::new();
-    let mut sections: Vec<&str> = OVERRIDE_SECTIONS.to_vec();
-    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    for (name, value) in vars {
-        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
-            continue;
-        };
-        if name == CONFIG_PATH_ENV {
-            continue;
-        }
-        let lower = rest.to_ascii_lowercase();
-        let found = sections.iter().find_map(|section| {
-            let prefix = format!("{}_", section.replace('.', "_"));
-            lower
-                .strip_prefix(&prefix)
-                .filter(|k| !k.is_empty())
-                .map(|k| (*section, k.to_string()))
-        });
-        let Some((section, key)) = found else {
-            return Err(ConfigError {
-                location: format!("environment variable {name}"),
-                key: String::new(),
-                message: format!("does not name a config key; overrides look like {ENV_OVERRIDE_PREFIX}LISTEN_ADDRESS (section, then key, in capitals)"),
-            });
-        };
-        let mut node = &mut *table;
-        for part in section.split('.') {
-            let entry = node
-                .entry(part.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            node = match entry {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError {
-                        location: format!("environment variable {name}"),
-                        key: section.into(),
-                        message: "the config file sets this to a value, not a table".into(),
-                    })
-                }
-            };
-        }
-        let typed = match value.as_str() {
-            "true" => toml::Value::Boolean(true),
-            "false" => toml::Value::Boolean(false),
-            v if !v.is_empty() && v.len() < 18 && v.bytes().all(|b| b.is_ascii_digit()) && !v.starts_with('0') => {
-                toml::Value::Integer(v.parse().unwrap_or_default())
-            }
-            v => toml::Value::String(v.to_string()),
-        };
-        node.insert(key.clone(), typed);
-        applied.push((format!("{section}.{key}"), name.clone()));
-    }
-    Ok(applied)
 }
 
 /// Position (1-based line, column) of a dotted key in the TOML source, for error messages.
@@ -538,6 +467,118 @@ max_stale = "2h"
 
         let unknown = vec![("SMALLEST_PROXY_NOPE".to_string(), "1".to_string())];
         assert!(load_text(None, "", &unknown).is_err());
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn limits_and_classes_come_from_the_environment_typed_as_toml() {
+        let vars = env(&[
+            ("SMALLEST_PROXY_LIMITS_MAX_CONCURRENT", "1"),
+            ("SMALLEST_PROXY_LIMITS_QUEUE_TIMEOUT", "5s"),
+            ("SMALLEST_PROXY_LIMITS_SHARED_REDIS_URL", "redis://127.0.0.1:6379"),
+            (
+                "SMALLEST_PROXY_LIMITS_CLASS",
+                r#"[{name = "tts", paths = ["/waves/v1/tts"], max_concurrent = 2}]"#,
+            ),
+            ("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_WEBSOCKETS", "5"),
+            (
+                "SMALLEST_PROXY_LIMITS_CLASS_1",
+                r#"{name = "stt", paths = ["/waves/v1/stt"]}"#,
+            ),
+            ("SMALLEST_PROXY_LIMITS_CLASS_1_RATE", "10"),
+            ("SMALLEST_PROXY_LISTEN_ALLOWED_ORIGINS", r#"["http://localhost:3000"]"#),
+            ("SMALLEST_PROXY_LISTEN_UNIX_SOCKET_MODE", "0600"),
+            ("SMALLEST_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "90s"),
+            ("SMALLEST_PROXY_POLICY_ALLOW_LOGS", "true"),
+        ]);
+        let c = load_text(None, "", &vars).expect("valid");
+        assert_eq!(c.limits.max_concurrent, 1);
+        assert_eq!(c.limits.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.shared.as_ref().unwrap().redis_url, "redis://127.0.0.1:6379");
+        let classes = c.limits.classes();
+        assert_eq!(
+            (
+                classes[0].name.as_str(),
+                classes[0].max_concurrent,
+                classes[0].max_websockets
+            ),
+            ("tts", 2, 5)
+        );
+        assert_eq!((classes[1].name.as_str(), classes[1].rate), ("stt", 10));
+        assert_eq!(c.listen.allowed_origins, vec!["http://localhost:3000".to_string()]);
+        assert_eq!(c.listen.unix_mode_bits(), 0o600);
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(90));
+        assert!(c.policy.allow_logs);
+
+        // Elements numbered past 9 still go in numeric order.
+        let mut many: Vec<(String, String)> = (0..12)
+            .map(|i| {
+                (
+                    format!("SMALLEST_PROXY_LIMITS_CLASS_{i}"),
+                    format!("{{name = \"c{i}\", paths = [\"/c{i}\"]}}"),
+                )
+            })
+            .collect();
+        many.reverse();
+        let c = load_text(None, "", &many).expect("twelve classes");
+        assert_eq!(c.limits.classes()[11].name, "c11");
+
+        // An element of the file's array is changed in place.
+        let file = "[[limits.class]]\nname = \"tts\"\npaths = [\"/waves/v1/tts\"]\n";
+        let c = load_text(
+            None,
+            file,
+            &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_CONCURRENT", "3")]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.classes()[0].max_concurrent, 3);
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_MAX_CONCURRENT", "many")])).unwrap_err();
+        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LIMITS_MAX_CONCURRENT");
+        assert_eq!(e.key, "limits.max_concurrent");
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_QUEUE_TIMEOUT", "soon")])).unwrap_err();
+        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LIMITS_QUEUE_TIMEOUT");
+        assert!(e.message.contains("not a duration"), "{e}");
+        // A class from the environment without its paths: the variable is blamed.
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "tts")])).unwrap_err();
+        assert_eq!(
+            e.location, "environment variable SMALLEST_PROXY_LIMITS_CLASS_0_NAME",
+            "{e}"
+        );
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_2_NAME", "tts")])).unwrap_err();
+        assert!(e.message.contains("gap"), "{e}");
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LISTEN_MAX_CONNECTIONS", "0")])).unwrap_err();
+        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LISTEN_MAX_CONNECTIONS");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_skipped_and_other_unknown_names_still_fail() {
+        let links = env(&[
+            ("SMALLEST_PROXY_SERVICE_HOST", "10.0.0.7"),
+            ("SMALLEST_PROXY_SERVICE_PORT", "8787"),
+            ("SMALLEST_PROXY_SERVICE_PORT_HTTP", "8787"),
+            ("SMALLEST_PROXY_PORT", "tcp://10.0.0.7:8787"),
+            ("SMALLEST_PROXY_PORT_8787_TCP", "tcp://10.0.0.7:8787"),
+            ("SMALLEST_PROXY_PORT_8787_TCP_PROTO", "tcp"),
+            ("SMALLEST_PROXY_PORT_8787_TCP_PORT", "8787"),
+            ("SMALLEST_PROXY_PORT_8787_TCP_ADDR", "10.0.0.7"),
+        ]);
+        assert_eq!(
+            load_text(None, "", &links).expect("links never stop start-up"),
+            load("").unwrap()
+        );
+        assert_eq!(ignored_service_links(&links).len(), links.len());
+        let mut with_typo = links.clone();
+        with_typo.push(("SMALLEST_PROXY_LISTEN_ADRESS".into(), "127.0.0.1:1".into()));
+        let e = load_text(None, "", &with_typo).unwrap_err();
+        assert_eq!(e.location, "environment variable SMALLEST_PROXY_LISTEN_ADRESS");
+        assert!(e.message.starts_with("does not name a config key"), "{e}");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use super::{invalid, Invalid};
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// `"none"` (default: forward every path) or `"smallest"` (only the Smallest API surface:
-    /// speech, transcription, voices, voice-clone creation, LLM chat).
+    /// `"none"` (default: forward every path) or `"smallest"` (only the Smallest API surface the
+    /// SDKs call: speech, streaming, transcription, voices, voice cloning, dictionary reads, LLM
+    /// chat, usage time series; README.md has the table).
     pub preset: PolicyPreset,
     /// Rules allowed on top of the preset. With `preset = "none"`, a non-empty list makes it
     /// an allow-list.
@@ -24,6 +25,11 @@ pub struct PolicyConfig {
     /// `preset = "smallest"`: also allow creating, changing and deleting pronunciation
     /// dictionaries.
     pub allow_pronunciation_edits: bool,
+    /// `preset = "smallest"`: also allow reading the organisation's request logs (TTS, speech
+    /// recognition with transcripts, webhooks): any local app could read every app's data.
+    pub allow_logs: bool,
+    /// `preset = "smallest"`: also allow deleting speech-recognition history.
+    pub allow_history_delete: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

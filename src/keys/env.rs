@@ -35,4 +35,11 @@ impl KeySource for EnvSource {
     fn rotates(&self) -> bool {
         false
     }
+
+    fn remedy(&self) -> String {
+        format!(
+            "restart the proxy with a valid key in {} (better: a key file, which is re-read without a restart)",
+            self.variable
+        )
+    }
 }

@@ -70,13 +70,23 @@ impl KeySource for FileSource {
     }
 
     async fn fetch(&self) -> Result<SecretString, KeyError> {
-        let bytes = Zeroizing::new(tokio::fs::read(&self.path).await.map_err(|e| KeyError::File {
-            path: self.path.display().to_string(),
-            reason: e.kind().to_string(),
+        let bytes = Zeroizing::new(tokio::fs::read(&self.path).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyError::Source(format!("not found: {}", self.path.display())),
+            kind => KeyError::File {
+                path: self.path.display().to_string(),
+                reason: kind.to_string(),
+            },
         })?);
         let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::Invalid("the file is not UTF-8 text"))?;
         let trimmed = text.trim_end_matches(['\n', '\r']);
         Ok(SecretString::from(trimmed.to_string()))
+    }
+
+    fn remedy(&self) -> String {
+        format!(
+            "write a valid key to {} (the proxy re-reads it when it changes)",
+            self.path.display()
+        )
     }
 }
 
@@ -97,6 +107,6 @@ mod tests {
     #[tokio::test]
     async fn missing_file_error_names_the_path_not_the_content() {
         let err = FileSource::new("/nonexistent/key".into()).fetch().await.unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/key"), "{err}");
+        assert_eq!(err.to_string(), "not found: /nonexistent/key");
     }
 }

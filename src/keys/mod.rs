@@ -21,7 +21,7 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use zeroize::Zeroizing;
@@ -115,10 +115,14 @@ pub fn validate_key_value(value: &str) -> Result<(), KeyError> {
     if value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(KeyError::Invalid("the value contains a line break"));
     }
-    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(KeyError::Invalid(
-            "the value contains characters other than visible ASCII",
-        ));
+    // Name the rule broken, so an operator knows what to look for in the source.
+    if let Some(bad) = value.bytes().find(|b| !b.is_ascii_graphic()) {
+        return Err(KeyError::Invalid(match bad {
+            b'\t' => "the value contains a tab (only visible ASCII is allowed)",
+            b' ' => "the value contains a space (only visible ASCII is allowed)",
+            b if b.is_ascii_control() => "the value contains a control character (only visible ASCII is allowed)",
+            _ => "the value contains a non-ASCII character (only visible ASCII is allowed)",
+        }));
     }
     Ok(())
 }
@@ -138,6 +142,14 @@ pub trait KeySource: Send + Sync + 'static {
     /// Whether the value can change while the process runs (env cannot).
     fn rotates(&self) -> bool {
         true
+    }
+    /// What an operator does when the upstream rejects the key: a sentence naming the place
+    /// to fix (never the value).
+    fn remedy(&self) -> String {
+        format!(
+            "put a valid key in the {} key source; the proxy picks it up at the next refresh (or SIGHUP)",
+            self.kind()
+        )
     }
 }
 
@@ -172,7 +184,80 @@ pub struct KeyStatus {
     pub refresh_errors: u64,
     /// Times the key value changed since start (the first load does not count).
     pub rotations: u64,
+    /// The upstream refuses the key in use (see [`Rejection`]); absent while it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Rejection>,
+    /// Upstream 401 answers since start.
+    pub upstream_401: u64,
+    /// Upstream 403 answers since start.
+    pub upstream_403: u64,
 }
+
+/// The upstream's refusal of the key in use: a 401 that a refresh and a resend did not cure,
+/// or a self-hosted server's 403 saying its licence expired or its quota is spent. It lasts
+/// until the source yields a different key, or the upstream accepts this key again (a 2xx).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// 401 or 403.
+    pub status: u16,
+    pub fingerprint: String,
+    /// Refusals of this key since the state began.
+    pub count: u64,
+    /// The upstream's `code` for a 403 (`LICENSE_EXPIRED`, `QUOTA_EXCEEDED`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// When the self-hosted server's licence expires or expired, as it said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+impl Rejection {
+    /// The `/ready` status word: `key_rejected`, `license_expired` or `quota_exceeded`.
+    pub fn ready_status(&self) -> &'static str {
+        match self.code.as_deref() {
+            Some(code) if code.eq_ignore_ascii_case("LICENSE_EXPIRED") => "license_expired",
+            Some(_) => "quota_exceeded",
+            None => "key_rejected",
+        }
+    }
+}
+
+/// A 403 body from the upstream that says the account (a self-hosted server's licence) cannot
+/// serve at all: `{"code": "LICENSE_EXPIRED", "expires_at": ...}` or a quota code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: String,
+    pub expires_at: Option<String>,
+    pub message: Option<String>,
+}
+
+impl Refusal {
+    /// Read a 403 body; `None` for a 403 that is about one endpoint, not the account.
+    pub fn from_body(body: &[u8]) -> Option<Refusal> {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let field = |name: &str| {
+            value
+                .get(name)
+                .or_else(|| value.get("error").and_then(|e| e.get(name)))
+                .and_then(|v| v.as_str())
+                .map(|s| s.chars().take(200).collect::<String>())
+        };
+        let code = field("code")?;
+        let upper = code.to_ascii_uppercase();
+        if upper != "LICENSE_EXPIRED" && !upper.contains("QUOTA") {
+            return None;
+        }
+        Some(Refusal {
+            code,
+            expires_at: field("expires_at"),
+            message: field("message").or_else(|| field("error")),
+        })
+    }
+}
+
+/// Fingerprints already warned about, bounded so a source cycling through bad keys cannot
+/// grow it without end.
+const MAX_WARNED: usize = 64;
 
 /// The current key and the machinery to replace it.
 pub struct KeyStore {
@@ -189,6 +274,12 @@ pub struct KeyStore {
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Wakes the refresher for an on-demand fetch (SIGHUP, file change).
     wake: tokio::sync::Notify,
+    /// Set while `rejection` holds something: the success path checks only this.
+    rejected: AtomicBool,
+    rejection: Mutex<Option<Rejection>>,
+    warned: Mutex<Vec<String>>,
+    upstream_401: AtomicU64,
+    upstream_403: AtomicU64,
 }
 
 impl fmt::Debug for KeyStore {
@@ -213,6 +304,109 @@ impl KeyStore {
             rotations: AtomicU64::new(0),
             last_error: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            rejected: AtomicBool::new(false),
+            rejection: Mutex::new(None),
+            warned: Mutex::new(Vec::new()),
+            upstream_401: AtomicU64::new(0),
+            upstream_403: AtomicU64::new(0),
+        }
+    }
+
+    /// Count an upstream 401 or 403 (the `upstream_auth_failures_total` metric).
+    pub fn count_auth_failure(&self, status: u16) {
+        match status {
+            401 => self.upstream_401.fetch_add(1, Ordering::Relaxed),
+            403 => self.upstream_403.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// The upstream still answers 401 to `key` after the refresh and resend, or a 403 with
+    /// `refusal`: enter (or stay in) the rejected state, warning once per fingerprint. A key
+    /// that is no longer the current one is ignored (its successor has not been refused).
+    pub fn note_rejected(&self, key: &ApiKey, refusal: Option<&Refusal>) {
+        let Some(current) = self.current.load_full() else {
+            return;
+        };
+        if !current.same_value(key) {
+            return;
+        }
+        let status = if refusal.is_some() { 403 } else { 401 };
+        let Ok(mut rejection) = self.rejection.lock() else {
+            return;
+        };
+        let code = refusal.map(|r| r.code.clone());
+        let count = match rejection.as_ref() {
+            Some(r) if r.fingerprint == key.fingerprint() && r.code == code => r.count + 1,
+            _ => 1,
+        };
+        *rejection = Some(Rejection {
+            status,
+            fingerprint: key.fingerprint().to_string(),
+            count,
+            code: code.clone(),
+            expires_at: refusal.and_then(|r| r.expires_at.clone()),
+        });
+        self.rejected.store(true, Ordering::Release);
+        drop(rejection);
+        let warn_key = format!("{}:{}", key.fingerprint(), code.as_deref().unwrap_or("401"));
+        let first = self.warned.lock().is_ok_and(|mut warned| {
+            if warned.contains(&warn_key) {
+                return false;
+            }
+            if warned.len() >= MAX_WARNED {
+                warned.remove(0);
+            }
+            warned.push(warn_key);
+            true
+        });
+        if !first {
+            return;
+        }
+        match refusal {
+            None => tracing::warn!(
+                source = self.source.kind(),
+                fingerprint = key.fingerprint(),
+                "the upstream rejects the API key (401, also after a refresh and a resend): every request fails until a valid key arrives; {}. /ready answers 503 key_rejected meanwhile",
+                self.source.remedy()
+            ),
+            Some(refusal) => tracing::warn!(
+                source = self.source.kind(),
+                fingerprint = key.fingerprint(),
+                code = %refusal.code,
+                expires_at = refusal.expires_at.as_deref().unwrap_or("unknown"),
+                message = refusal.message.as_deref().unwrap_or(""),
+                "the upstream refuses to serve this account (403 {}): renew the self-hosted server's licence or quota; /ready answers 503 meanwhile",
+                refusal.code
+            ),
+        }
+    }
+
+    /// The upstream accepted `key` (a 2xx): if it was the rejected one, the state ends. One
+    /// atomic load when nothing is rejected.
+    pub fn note_accepted(&self, key: &ApiKey) {
+        if !self.rejected.load(Ordering::Acquire) {
+            return;
+        }
+        self.clear_rejection_unless(key.fingerprint(), true);
+    }
+
+    /// End the rejected state when it is about `fingerprint` (`same`) or about another key
+    /// (`!same`, a new key arrived).
+    fn clear_rejection_unless(&self, fingerprint: &str, same: bool) {
+        let Ok(mut rejection) = self.rejection.lock() else {
+            return;
+        };
+        let matches = rejection.as_ref().is_some_and(|r| r.fingerprint == fingerprint);
+        if rejection.is_some() && matches == same {
+            if let Some(r) = rejection.take() {
+                tracing::info!(
+                    fingerprint = %r.fingerprint,
+                    now = fingerprint,
+                    "the upstream refusal of the key is over"
+                );
+            }
+            self.rejected.store(false, Ordering::Release);
         }
     }
 
@@ -289,6 +483,10 @@ impl KeyStore {
                         )
                     }
                 }
+                // A different key ends a rejection of the old one.
+                if self.rejected.load(Ordering::Acquire) {
+                    self.clear_rejection_unless(key.fingerprint(), false);
+                }
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = None;
                 }
@@ -296,7 +494,11 @@ impl KeyStore {
             }
             Err(err) => {
                 self.refresh_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(source = self.source.kind(), error = %err, "key refresh failed; keeping the last good key");
+                if self.current.load().is_some() {
+                    tracing::warn!(source = self.source.kind(), error = %err, "key refresh failed; keeping the last good key");
+                } else {
+                    tracing::warn!(source = self.source.kind(), error = %err, "no usable API key: nothing is served (503 KEY_UNAVAILABLE) until the source yields a valid one");
+                }
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = Some((err.to_string(), SystemTime::now()));
                 }
@@ -322,6 +524,13 @@ impl KeyStore {
             last_error: self.last_error_message(),
             refresh_errors: self.refresh_errors.load(Ordering::Relaxed),
             rotations: self.rotations.load(Ordering::Relaxed),
+            rejected: if self.rejected.load(Ordering::Acquire) {
+                self.rejection.lock().ok().and_then(|r| r.clone())
+            } else {
+                None
+            },
+            upstream_401: self.upstream_401.load(Ordering::Relaxed),
+            upstream_403: self.upstream_403.load(Ordering::Relaxed),
         }
     }
 

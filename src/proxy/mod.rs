@@ -10,6 +10,7 @@
 
 pub mod body;
 pub mod exchange;
+pub mod refusal;
 pub mod resend;
 pub mod rewrite;
 pub mod synthesis;
@@ -280,6 +281,21 @@ impl Proxy {
             }
             break response;
         };
+
+        // A rejected key is made obvious (WARN, /ready, metric); see `keys::Rejection`.
+        let status = response.status();
+        if status.is_success() || status == StatusCode::SWITCHING_PROTOCOLS {
+            self.keys.note_accepted(&key);
+        } else if status == StatusCode::UNAUTHORIZED {
+            self.keys.count_auth_failure(401);
+            // A replayable request already asked for a replacement; ask now for the others.
+            if resent_after_401 || replayable.is_some() || self.keys.replacement_for(&key).await.is_none() {
+                self.keys.note_rejected(&key, None);
+            }
+        } else if status == StatusCode::FORBIDDEN {
+            self.keys.count_auth_failure(403);
+            return Ok(refusal::inspect(response, &self.keys, &key, self.bounds.stream_idle_timeout).await);
+        }
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {

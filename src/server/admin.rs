@@ -3,7 +3,9 @@
 //!
 //! `/ready` reports the key's source, fingerprint, age and last error: enough for an operator
 //! to see which key is live and why it is not, never the key; and under `limits` each limit
-//! class in force with its current concurrency (learned or fixed).
+//! class in force with its current concurrency (learned or fixed). It answers 503
+//! `key_rejected` (or `license_expired` / `quota_exceeded` for a self-hosted server) while the
+//! upstream refuses the key in use.
 //!
 //! With `[admin] address` set, the three are also served on that separate listener, and
 //! `/metrics` only there: the scrape port can be opened to the cluster without opening the
@@ -54,7 +56,28 @@ pub fn respond<B>(req: &Request<B>, keys: &KeyStore, limiter: &Limiter, metrics:
         }
         _ => {
             let status = keys.status();
-            if status.ready {
+            if let Some(rejected) = status.rejected.clone() {
+                let what = match rejected.ready_status() {
+                    "key_rejected" => format!(
+                        "the upstream rejected the API key (fingerprint {}) {} time(s), also after a refresh and a resend; put a valid key in the {} source",
+                        rejected.fingerprint, rejected.count, status.source
+                    ),
+                    _ => format!(
+                        "the upstream refuses to serve this account: {} (expires_at {})",
+                        rejected.code.as_deref().unwrap_or("refused"),
+                        rejected.expires_at.as_deref().unwrap_or("unknown")
+                    ),
+                };
+                let body = serde_json::json!({
+                    "status": rejected.ready_status(),
+                    "error": what,
+                    "code": rejected.ready_status().to_ascii_uppercase(),
+                    "rejections": rejected.count,
+                    "key": status,
+                    "limits": limiter.status(),
+                });
+                json(StatusCode::SERVICE_UNAVAILABLE, &body)
+            } else if status.ready {
                 let body = serde_json::json!({"status": "ready", "key": status, "limits": limiter.status()});
                 json(StatusCode::OK, &body)
             } else {

@@ -14,53 +14,101 @@
 //! refused while a policy is active: the upstream might normalise it into a path the rules
 //! would have refused.
 //!
-//! The `smallest` preset covers both route families the SDKs use (`/waves/v1/...` on
-//! api.smallest.ai and the older `/api/v1/...`): speech (Lightning `get_speech` and its SSE
-//! `stream`, unified `/tts` and live TTS over WebSocket), transcription (Pulse / `stt`,
-//! `get_text`, HTTP and WebSocket), every read (`GET`: voices, cloned voices, models,
-//! dictionaries), voice-clone creation (`add_voice`) and LLM chat completions. Deleting a
-//! cloned voice (`DELETE .../lightning-large`, `DELETE .../voices/...`) and writing
-//! pronunciation dictionaries are left out unless their switches are on.
+//! The `smallest` preset is the API as the official SDKs call it (README.md, "What the
+//! `smallest` preset allows", lists every SDK method with its path): Python `smallestai` 5.x
+//! on `/waves/v1/...`, and the legacy Lightning routes under `/api/v1/...` that the Node SDK
+//! (1.x) still calls. Speech (unified `/tts`, SSE `/tts/live`, live TTS over WebSocket, and the
+//! deprecated per-model `get_speech` and `stream` routes still served), transcription, voices,
+//! voice-clone creation and listing, dictionary reads, LLM chat, post-call analysis and usage
+//! time series pass. Organisation-wide logs (transcripts, request bodies), deletions and
+//! dictionary edits are refused unless their switches are on.
 
 use http::Method;
 
 use crate::config::{PolicyConfig, PolicyPreset, Rule};
 use crate::error::ProxyError;
 
-/// The two route families of the Smallest API.
-const SMALLEST_PREFIXES: [&str; 2] = ["/waves/v1", "/api/v1"];
-
-/// Preset rules, written once per prefix (`{p}` is replaced by each prefix).
+/// The preset's rules (Python SDK 5.x routes, then the Node SDK's legacy ones).
 const SMALLEST_ALLOW: &[&str] = &[
-    // Every read: voices, cloned voices, models, languages, dictionaries, and the WebSocket
-    // handshakes (live TTS, realtime Pulse STT), which are GETs.
-    "GET {p}/**",
-    // Speech: per-model endpoints and their SSE streams, and the unified endpoint.
-    "POST {p}/*/get_speech",
-    "POST {p}/*/get_speech/stream",
-    "POST {p}/tts",
-    "POST {p}/tts/**",
-    // Transcription.
-    "POST {p}/stt/**",
-    "POST {p}/pulse/**",
-    "POST {p}/*/get_text",
-    // Voice cloning: creating a clone (reading them is a GET).
-    "POST {p}/*/add_voice",
-    // LLM (Electron) chat completions.
-    "POST {p}/chat/completions",
-    "POST {p}/*/chat/completions",
+    "GET /waves/v1/health",
+    // Speech: unified sync and SSE, live TTS (a WebSocket handshake is a GET), deprecated
+    // per-model routes and their SSE streams, the streaming-TTS and speech-to-speech sockets.
+    "POST /waves/v1/tts",
+    "POST /waves/v1/tts/live",
+    "GET /waves/v1/tts/live",
+    "POST /waves/v1/*/get_speech",
+    "POST /waves/v1/*/get_speech/stream",
+    "POST /waves/v1/*/stream",
+    "GET /waves/v1/streaming-tts/**",
+    "GET /waves/v1/s2s",
+    // Transcription: HTTP and realtime.
+    "POST /waves/v1/stt/**",
+    "GET /waves/v1/stt/live",
+    "/waves/v1/pulse/**",
+    "POST /waves/v1/*/get_text",
+    // Voices and voice cloning (creating and listing clones).
+    "GET /waves/v1/*/get_voices",
+    "GET /waves/v1/voice/get-all-models",
+    "GET /waves/v1/voice-cloning",
+    "POST /waves/v1/voice-cloning",
+    "POST /waves/v1/*/add_voice",
+    "GET /waves/v1/*/get_cloned_voices",
+    // Pronunciation dictionaries: reads.
+    "GET /waves/v1/pronunciation-dicts",
+    // LLM chat and post-call analysis.
+    "POST /waves/v1/chat/completions",
+    "POST /waves/v1/*/chat/completions",
+    "POST /waves/v1/pca",
+    "POST /waves/v1/pca/generate",
+    // Usage time series (counts, no content).
+    "GET /waves/v1/analytics/**/timeseries",
+    // The Node SDK's legacy Lightning routes.
+    "POST /api/v1/*/get_speech",
+    "POST /api/v1/*/stream",
+    "GET /api/v1/*/get_voices",
+    "POST /api/v1/lightning-large/add_voice",
+    "GET /api/v1/lightning-large/get_cloned_voices",
 ];
 
 /// `allow_voice_clone_delete = true`.
-const SMALLEST_VOICE_CLONE_DELETE: &[&str] = &["DELETE {p}/lightning-large", "DELETE {p}/**/voices/**"];
+const SMALLEST_VOICE_CLONE_DELETE: &[&str] = &[
+    "DELETE /waves/v1/voice-cloning/**",
+    "DELETE /waves/v1/lightning-large",
+    "DELETE /api/v1/lightning-large",
+];
 
 /// `allow_pronunciation_edits = true`.
 const SMALLEST_PRONUNCIATION_EDITS: &[&str] = &[
-    "POST {p}/pronunciation-dicts/**",
-    "PUT {p}/pronunciation-dicts/**",
-    "PATCH {p}/pronunciation-dicts/**",
-    "DELETE {p}/pronunciation-dicts/**",
+    "POST /waves/v1/pronunciation-dicts/**",
+    "PUT /waves/v1/pronunciation-dicts/**",
+    "PATCH /waves/v1/pronunciation-dicts/**",
+    "DELETE /waves/v1/pronunciation-dicts/**",
 ];
+
+/// `allow_logs = true`: organisation-wide logs (transcripts, request bodies, webhook payloads).
+const SMALLEST_LOGS: &[&str] = &["GET /waves/v1/analytics/*/logs"];
+
+/// `allow_history_delete = true`.
+const SMALLEST_HISTORY_DELETE: &[&str] = &["DELETE /waves/v1/analytics/asr/history/**"];
+
+/// The preset's rules with the switches in `config` applied (for the policy and for `check`).
+pub fn preset_rules(config: &PolicyConfig) -> Vec<&'static str> {
+    if config.preset != PolicyPreset::Smallest {
+        return Vec::new();
+    }
+    let mut rules = SMALLEST_ALLOW.to_vec();
+    for (on, extra) in [
+        (config.allow_voice_clone_delete, SMALLEST_VOICE_CLONE_DELETE),
+        (config.allow_pronunciation_edits, SMALLEST_PRONUNCIATION_EDITS),
+        (config.allow_logs, SMALLEST_LOGS),
+        (config.allow_history_delete, SMALLEST_HISTORY_DELETE),
+    ] {
+        if on {
+            rules.extend_from_slice(extra);
+        }
+    }
+    rules
+}
 
 /// The compiled `[policy]`.
 #[derive(Debug, Clone, Default)]
@@ -73,19 +121,7 @@ impl PathPolicy {
     /// Build from a config already validated (rules that do not parse are skipped, which
     /// cannot happen after `Config::validate`).
     pub fn from_config(config: &PolicyConfig) -> PathPolicy {
-        let mut allow_texts: Vec<String> = Vec::new();
-        if config.preset == PolicyPreset::Smallest {
-            let mut templates: Vec<&str> = SMALLEST_ALLOW.to_vec();
-            if config.allow_voice_clone_delete {
-                templates.extend_from_slice(SMALLEST_VOICE_CLONE_DELETE);
-            }
-            if config.allow_pronunciation_edits {
-                templates.extend_from_slice(SMALLEST_PRONUNCIATION_EDITS);
-            }
-            for prefix in SMALLEST_PREFIXES {
-                allow_texts.extend(templates.iter().map(|t| t.replace("{p}", prefix)));
-            }
-        }
+        let mut allow_texts: Vec<String> = preset_rules(config).into_iter().map(String::from).collect();
         allow_texts.extend(config.allow.iter().cloned());
         let parse_all = |texts: &[String]| texts.iter().filter_map(|t| Rule::parse(t).ok()).collect();
         PathPolicy {
@@ -184,31 +220,29 @@ mod tests {
     #[test]
     fn the_smallest_preset_allows_the_api_surface() {
         let p = policy("preset = \"smallest\"");
-        for prefix in SMALLEST_PREFIXES {
-            for (method, path) in [
-                ("POST", "/lightning/get_speech"),
-                ("POST", "/lightning-v2/get_speech"),
-                ("POST", "/lightning-v3.1/get_speech/stream"),
-                ("POST", "/tts"),
-                ("GET", "/tts/live"),
-                ("GET", "/lightning-v2/get_voices"),
-                ("HEAD", "/lightning-v2/get_voices"),
-                ("head", "/lightning-v2/get_voices"),
-                ("get", "/lightning-v2/get_voices"),
-                ("post", "/lightning/get_speech"),
-                ("GET", "/lightning-large/get_cloned_voices"),
-                ("POST", "/lightning-large/add_voice"),
-                ("POST", "/stt/"),
-                ("POST", "/pulse/get_text"),
-                ("GET", "/pulse/get_text"),
-                ("POST", "/lightning/get_text"),
-                ("GET", "/pronunciation-dicts"),
-                ("POST", "/chat/completions"),
-                ("POST", "/electron/chat/completions"),
-            ] {
-                let full = format!("{prefix}{path}");
-                assert!(allowed(&p, method, &full), "{method} {full} should pass");
-            }
+        for (method, path) in [
+            ("POST", "/waves/v1/tts"),
+            ("POST", "/waves/v1/tts/live"),
+            ("GET", "/waves/v1/tts/live"),
+            ("POST", "/waves/v1/lightning-v2/get_speech"),
+            ("POST", "/waves/v1/lightning-v3.1/get_speech/stream"),
+            ("POST", "/waves/v1/lightning-large/stream"),
+            ("GET", "/waves/v1/streaming-tts/stream"),
+            ("POST", "/waves/v1/stt/"),
+            ("GET", "/waves/v1/stt/live"),
+            ("POST", "/waves/v1/pulse/get_text"),
+            ("GET", "/waves/v1/pulse/get_text"),
+            ("POST", "/waves/v1/voice-cloning"),
+            ("GET", "/waves/v1/voice-cloning"),
+            ("HEAD", "/waves/v1/voice-cloning"),
+            ("get", "/waves/v1/lightning-v2/get_voices"),
+            ("GET", "/waves/v1/pronunciation-dicts"),
+            ("POST", "/waves/v1/chat/completions"),
+            ("GET", "/waves/v1/analytics/tts/usage/credits/timeseries"),
+            ("GET", "/waves/v1/analytics/asr/usage/timeseries"),
+            ("POST", "/api/v1/lightning/get_speech"),
+        ] {
+            assert!(allowed(&p, method, path), "{method} {path} should pass");
         }
     }
 
@@ -216,17 +250,18 @@ mod tests {
     fn the_smallest_preset_refuses_risky_and_unknown_calls() {
         let p = policy("preset = \"smallest\"");
         for (method, path) in [
-            ("DELETE", "/waves/v1/lightning-large"),
+            ("GET", "/waves/v1/analytics/asr/logs"),
+            ("GET", "/waves/v1/analytics/tts/logs"),
+            ("GET", "/waves/v1/analytics/webhooks/logs"),
+            ("DELETE", "/waves/v1/analytics/asr/history/r1"),
+            ("DELETE", "/waves/v1/voice-cloning/v1"),
             ("DELETE", "/api/v1/lightning-large"),
-            ("DELETE", "/waves/v1/lightning-large/voices/abc"),
             ("POST", "/waves/v1/pronunciation-dicts"),
             ("PUT", "/waves/v1/pronunciation-dicts"),
-            ("DELETE", "/api/v1/pronunciation-dicts/d1"),
+            ("delete", "/waves/v1/pronunciation-dicts"),
             ("POST", "/admin/keys"),
             ("GET", "/other/v1/x"),
-            ("delete", "/waves/v1/lightning-large"),
-            ("Delete", "/api/v1/lightning-large/voices/abc"),
-            ("put", "/waves/v1/pronunciation-dicts"),
+            ("GET", "/atoms/v1/agent"),
             ("POST", "/waves/v1/lightning/get_speech/../../pronunciation-dicts"),
             ("GET", "/waves/v1/tts/%2e%2e/x"),
             ("GET", "/waves/v1//x"),
@@ -240,10 +275,14 @@ mod tests {
 
     #[test]
     fn switches_unlock_the_risky_endpoints() {
-        let p = policy("preset = \"smallest\"\nallow_voice_clone_delete = true\nallow_pronunciation_edits = true");
-        assert!(allowed(&p, "DELETE", "/waves/v1/lightning-large"));
+        let p = policy(
+            "preset = \"smallest\"\nallow_voice_clone_delete = true\nallow_pronunciation_edits = true\nallow_logs = true\nallow_history_delete = true",
+        );
+        assert!(allowed(&p, "DELETE", "/waves/v1/voice-cloning/v1"));
         assert!(allowed(&p, "POST", "/waves/v1/pronunciation-dicts"));
-        assert!(allowed(&p, "PUT", "/api/v1/pronunciation-dicts/d1"));
+        assert!(allowed(&p, "PUT", "/waves/v1/pronunciation-dicts"));
+        assert!(allowed(&p, "GET", "/waves/v1/analytics/asr/logs"));
+        assert!(allowed(&p, "DELETE", "/waves/v1/analytics/asr/history/r1"));
         assert!(!allowed(&p, "POST", "/admin/keys"));
     }
 

@@ -6,6 +6,7 @@
 pub mod pattern;
 pub mod rotation;
 pub mod servers;
+pub mod smallest;
 pub mod standin;
 pub mod upstream;
 

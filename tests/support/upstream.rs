@@ -477,6 +477,17 @@ async fn handle(mut req: Request<Incoming>, state: Arc<UpstreamState>) -> Result
             .header(header::LOCATION, "https://elsewhere.example/steal")
             .body(Full::new(Bytes::new()).boxed())
             .expect("response"),
+        // A self-hosted server whose licence ran out, or whose quota is spent.
+        "/license-expired" => full(
+            StatusCode::FORBIDDEN,
+            "application/json",
+            r#"{"code":"LICENSE_EXPIRED","expires_at":"2026-01-31T00:00:00Z","message":"license expired"}"#,
+        ),
+        "/quota-exceeded" => full(
+            StatusCode::FORBIDDEN,
+            "application/json",
+            r#"{"code":"QUOTA_EXCEEDED","message":"monthly quota used up"}"#,
+        ),
         p if p.starts_with("/status/") => {
             let code = p.trim_start_matches("/status/").parse().unwrap_or(500);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
