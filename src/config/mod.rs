@@ -495,7 +495,7 @@ max_stale = "2h"
             ("SMALLEST_PROXY_POLICY_ALLOW_LOGS", "true"),
         ]);
         let c = load_text(None, "", &vars).expect("valid");
-        assert_eq!(c.limits.max_concurrent, 1);
+        assert_eq!(c.limits.max_concurrent, limits::Concurrency::Fixed(1));
         assert_eq!(c.limits.queue_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.shared.as_ref().unwrap().redis_url, "redis://127.0.0.1:6379");
         let classes = c.limits.classes();
@@ -505,7 +505,7 @@ max_stale = "2h"
                 classes[0].max_concurrent,
                 classes[0].max_websockets
             ),
-            ("tts", 2, 5)
+            ("tts", limits::Concurrency::Fixed(2), 5)
         );
         assert_eq!((classes[1].name.as_str(), classes[1].rate), ("stt", 10));
         assert_eq!(c.listen.allowed_origins, vec!["http://localhost:3000".to_string()]);
@@ -534,7 +534,7 @@ max_stale = "2h"
             &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_MAX_CONCURRENT", "3")]),
         )
         .unwrap();
-        assert_eq!(c.limits.classes()[0].max_concurrent, 3);
+        assert_eq!(c.limits.classes()[0].max_concurrent, limits::Concurrency::Fixed(3));
     }
 
     #[test]
