@@ -28,6 +28,7 @@ pub mod server;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 use arc_swap::ArcSwap;
 use http::Request;
@@ -84,13 +85,37 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reload: Option<reload::ReloadSource>,
 ) -> Result<(), RunError> {
+    run_with_clock(config, listeners, shutdown, reload, Arc::new(usage::SystemClock)).await
+}
+
+/// [`run_with_reload`] with the time source of usage days and budgets given (tests turn the
+/// day with a [`usage::TestClock`]).
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<reload::ReloadSource>,
+    clock: Arc<dyn usage::Clock>,
+) -> Result<(), RunError> {
     let token = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let tunnels = Tunnels::default();
+    let usage = Arc::new(usage::Usage::new(clock, metrics.clone()));
+    let usage_file = config.usage.state_file.clone();
+    if let Some(path) = &usage_file {
+        usage::state::load(&usage, path);
+    }
+    usage::spawn_upkeep(
+        usage.clone(),
+        usage_file.clone(),
+        config.usage.save_interval,
+        token.clone(),
+    );
     let shared = || reload::Shared {
         metrics: metrics.clone(),
         tunnels: tunnels.clone(),
         run: token.clone(),
+        usage: usage.clone(),
     };
     let admin_listener = match config.admin.socket_address() {
         Some(address) => Some(
@@ -113,6 +138,7 @@ pub async fn run_with_reload(
     }
     let app = Arc::new(App {
         state: state.clone(),
+        usage: usage.clone(),
         metrics,
         metrics_on_main: admin_listener.is_none(),
     });
@@ -182,6 +208,9 @@ pub async fn run_with_reload(
                 "WebSocket tunnels still open; exiting anyway"
             );
         }
+    }
+    if let Some(path) = &usage_file {
+        usage::state::save(&usage, path);
     }
     tracing::info!("smallest-proxy stopped");
     Ok(())

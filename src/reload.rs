@@ -36,6 +36,8 @@ pub struct Shared {
     pub tunnels: Tunnels,
     /// Cancelled at shutdown: stops every key refresher.
     pub run: CancellationToken,
+    /// Usage per app: kept across reloads (a reload changes the apps and budgets only).
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 /// Replaces the running subscriber's filter with one parsed from a `log.level` string.
@@ -119,7 +121,9 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
         limiter.clone(),
         Bounds::from_config(&config),
     )
-    .with_tunnels(shared.tunnels.clone());
+    .with_tunnels(shared.tunnels.clone())
+    .with_usage(shared.usage.clone());
+    crate::usage::configure(&shared.usage, &config, previous.map(|p| &p.config));
     Ok(RunState {
         config,
         checks,

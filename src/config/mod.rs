@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod admin;
+mod app;
 mod env;
 mod key;
 mod limits;
@@ -28,6 +29,7 @@ mod policy;
 mod upstream;
 
 pub use admin::*;
+pub use app::*;
 pub use env::{ignored_service_links, is_service_link};
 pub use key::*;
 pub use limits::*;
@@ -53,6 +55,10 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub usage: UsageConfig,
+    /// `[[app]]`: the local apps sharing the key (see `app.rs`).
+    #[serde(rename = "app", skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<AppConfig>,
 }
 
 /// A failed check: the dotted key path and a sentence saying what is wrong.
@@ -181,6 +187,8 @@ impl Config {
         self.key.validate()?;
         self.limits.validate()?;
         self.admin.validate()?;
+        self.usage.validate()?;
+        app::validate_apps(&self.apps)?;
         self.log.validate()
     }
 }

@@ -1,0 +1,129 @@
+//! `[[app]]` and `[usage]`: the local apps that share the key, how a request is told to be
+//! theirs (a token in `X-Proxy-Token`, or the uid of a Unix socket caller), their daily
+//! budgets, and where the day's usage totals are kept across restarts.
+//!
+//! Like `listen.token_file`, an app's token is never in the config itself (the config is
+//! printed by `check`): only the path of a file holding it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{duration_str, invalid, read_token_file, Invalid};
+
+/// The app a request belongs to when it matches no `[[app]]`.
+pub const DEFAULT_APP_NAME: &str = "default";
+/// How often `[usage] state_file` is rewritten while totals change.
+pub const DEFAULT_USAGE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One `[[app]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// Shown in metrics labels, the access line and `/usage`.
+    pub name: String,
+    /// A file holding the token this app sends in `X-Proxy-Token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Unix socket callers with these uids are this app.
+    pub uids: Vec<u32>,
+    /// Budgets per UTC day; unset = no budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_tts_characters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_stt_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_llm_tokens: Option<u64>,
+}
+
+/// `[usage]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// The day's totals are written here (atomically) and read back at start, so a restart
+    /// does not reset a day's spend. Unused with `[limits.shared]`, where Redis holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
+    #[serde(with = "duration_str")]
+    pub save_interval: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            state_file: None,
+            save_interval: DEFAULT_USAGE_SAVE_INTERVAL,
+        }
+    }
+}
+
+/// A name usable as a metric label and a Redis key part.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Checks serde cannot express, over all apps.
+pub(crate) fn validate_apps(apps: &[AppConfig]) -> Result<(), Invalid> {
+    let mut names = HashSet::new();
+    let mut uids = HashSet::new();
+    let mut tokens = HashSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        let key = |field: &str| format!("app[{i}].{field}");
+        if !valid_name(&app.name) {
+            return invalid(
+                &key("name"),
+                format!(
+                    "{:?} is not a name of 1 to 64 letters, digits, '-', '_' or '.'",
+                    app.name
+                ),
+            );
+        }
+        if app.name == DEFAULT_APP_NAME {
+            return invalid(
+                &key("name"),
+                "\"default\" is the app of callers that match no [[app]]; choose another name".into(),
+            );
+        }
+        if !names.insert(app.name.as_str()) {
+            return invalid(&key("name"), format!("{:?} is used by two apps", app.name));
+        }
+        if app.token_file.is_none() && app.uids.is_empty() {
+            return invalid(
+                &key("name"),
+                format!(
+                    "app {:?} has neither token_file nor uids: no request could be its",
+                    app.name
+                ),
+            );
+        }
+        if let Some(path) = &app.token_file {
+            let token = match read_token_file(path) {
+                Ok(token) => token,
+                Err(message) => return invalid(&key("token_file"), message),
+            };
+            if !tokens.insert(token.to_string()) {
+                return invalid(&key("token_file"), "holds the same token as another app".into());
+            }
+        }
+        for uid in &app.uids {
+            if !uids.insert(*uid) {
+                return invalid(&key("uids"), format!("uid {uid} belongs to two apps"));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl UsageConfig {
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
+        if self.save_interval < Duration::from_millis(100) {
+            return invalid("usage.save_interval", "must be at least 100ms".into());
+        }
+        Ok(())
+    }
+}
