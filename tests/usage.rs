@@ -619,3 +619,26 @@ async fn two_replicas_on_one_redis_spend_one_budget() {
     a.stop().await;
     b.stop().await;
 }
+
+#[test]
+fn the_readme_usage_config_loads_as_written() {
+    let readme = include_str!("../README.md");
+    let after = readme
+        .split("<!-- tested: usage-config -->")
+        .nth(1)
+        .expect("README marker");
+    let block = after
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("toml block");
+    // The token file must exist to load: point it at one.
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), "agent-token", AGENT_TOKEN);
+    let text = block.replace("/run/secrets/agent-token", &token.display().to_string());
+    let config = smallest_proxy::config::load_text(None, &text, &[]).expect("README usage config loads");
+    assert_eq!(config.apps.len(), 2);
+    assert_eq!(config.apps[0].daily_tts_characters, Some(200_000));
+    assert_eq!(config.apps[1].uids, vec![1001]);
+    assert!(config.usage.state_file.is_some());
+}

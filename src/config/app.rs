@@ -127,3 +127,70 @@ impl UsageConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::load_text;
+
+    #[test]
+    fn bad_apps_are_named_by_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("t");
+        std::fs::write(&token, "tok\n").unwrap();
+        let t = token.display();
+        for (text, key, needle) in [
+            (
+                "[[app]]\nname = \"default\"\nuids = [1]\n".to_string(),
+                "app[0].name",
+                "default",
+            ),
+            (
+                "[[app]]\nname = \"a b\"\nuids = [1]\n".to_string(),
+                "app[0].name",
+                "not a name",
+            ),
+            ("[[app]]\nname = \"a\"\n".to_string(), "app[0].name", "neither"),
+            (
+                "[[app]]\nname = \"a\"\nuids = [1]\n[[app]]\nname = \"a\"\nuids = [2]\n".to_string(),
+                "app[1].name",
+                "two apps",
+            ),
+            (
+                "[[app]]\nname = \"a\"\nuids = [1]\n[[app]]\nname = \"b\"\nuids = [1]\n".to_string(),
+                "app[1].uids",
+                "two apps",
+            ),
+            (
+                format!("[[app]]\nname = \"a\"\ntoken_file = \"{t}\"\n[[app]]\nname = \"b\"\ntoken_file = \"{t}\"\n"),
+                "app[1].token_file",
+                "same token",
+            ),
+            (
+                "[[app]]\nname = \"a\"\ntoken_file = \"/nonexistent/t\"\n".to_string(),
+                "app[0].token_file",
+                "cannot read",
+            ),
+        ] {
+            let e = load_text(Some(std::path::Path::new("p.toml")), &text, &[]).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.message.contains(needle), "{e}");
+            assert!(e.location.starts_with("p.toml:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn usage_and_apps_are_set_from_the_environment_too() {
+        let vars = vec![
+            ("SMALLEST_PROXY_USAGE_STATE_FILE".to_string(), "/tmp/u.json".to_string()),
+            ("SMALLEST_PROXY_LISTEN_REQUIRE_APP".to_string(), "true".to_string()),
+            (
+                "SMALLEST_PROXY_APP".to_string(),
+                r#"[{name = "agent", uids = [5], daily_tts_characters = 10}]"#.to_string(),
+            ),
+        ];
+        let c = load_text(None, "", &vars).unwrap();
+        assert_eq!(c.usage.state_file.as_deref(), Some(std::path::Path::new("/tmp/u.json")));
+        assert!(c.listen.require_app);
+        assert_eq!(c.apps[0].daily_tts_characters, Some(10));
+    }
+}
