@@ -54,11 +54,11 @@ fn logs() -> &'static Captured {
     LOGS.get_or_init(|| {
         let captured = Captured::default();
         let writer = captured.clone();
-        // Everything at trace, but the test's own WebSocket client (the proxy does not use
-        // tungstenite), which logs the request it sends, token header included.
+        // Everything at trace, but the test's own WebSocket client and stand-in server
+        // (tungstenite: the proxy does not use it), which log the messages they handle.
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "trace,tungstenite::handshake::client=off",
+                "trace,tungstenite=off,tokio_tungstenite=off",
             ))
             .with_ansi(false)
             .with_writer(move || writer.clone())
@@ -641,4 +641,101 @@ fn the_readme_usage_config_loads_as_written() {
     assert_eq!(config.apps[0].daily_tts_characters, Some(200_000));
     assert_eq!(config.apps[1].uids, vec![1001]);
     assert!(config.usage.state_file.is_some());
+}
+
+/// The next text message from the socket (pings and audio skipped).
+async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websockets_are_metered_per_synthesis_and_by_audio_bytes() {
+    logs();
+    let pki = TestPki::new();
+    let up = upstream(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::at(T0);
+    let proxy = Proxy::start(config(dir.path(), up, &pki.ca_file, ""), &clock).await;
+
+    // Live TTS: three syntheses of 20 characters on one socket; the third crosses 45 and is
+    // served, the fourth gets an error frame and the socket stays open.
+    let mut ws = proxy
+        .websocket("/waves/v1/tts/live", AGENT_TOKEN)
+        .await
+        .expect("handshake");
+    for _ in 0..3 {
+        ws.send(Message::Text(tts_body(TTS_TEXT))).await.unwrap();
+        assert_eq!(next_text(&mut ws).await["status"], "chunk");
+        assert_eq!(next_text(&mut ws).await["status"], "complete");
+    }
+    usage_until(&proxy, |u| u["apps"]["agent"]["tts_characters"] == 60).await;
+    ws.send(Message::Text(tts_body("one more"))).await.unwrap();
+    let refusal = next_text(&mut ws).await;
+    assert_eq!(refusal["status"], "error");
+    assert_eq!(refusal["code"], "BUDGET_EXCEEDED");
+    assert_eq!(refusal["app"], "agent");
+    assert_eq!(refusal["resets_at"], "2026-11-27T00:00:00Z");
+    // The same socket serves again once the day turns.
+    clock.advance(Duration::from_secs(4 * 3600));
+    ws.send(Message::Text(tts_body("abcd"))).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["status"], "chunk");
+    assert_eq!(next_text(&mut ws).await["status"], "complete");
+    usage_until(&proxy, |u| u["apps"]["agent"]["tts_characters"] == 4).await;
+    ws.close(None).await.unwrap();
+
+    // Realtime STT, linear16 at 16 kHz: 32 000 + 16 000 audio bytes = 1.5 s.
+    let mut ws = proxy
+        .websocket(
+            "/waves/v1/stt/live?encoding=linear16&sample_rate=16000&language=en",
+            BATCH_TOKEN,
+        )
+        .await
+        .expect("handshake");
+    ws.send(Message::Binary(vec![0x11; 32_000])).await.unwrap();
+    ws.send(Message::Binary(vec![0x11; 16_000])).await.unwrap();
+    ws.send(Message::Text("{\"type\":\"finalize\"}".into())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["audio_bytes"], 48_000);
+    ws.close(None).await.unwrap();
+    let usage = usage_until(&proxy, |u| u["apps"]["batch"]["stt_seconds"] == 1.5).await;
+    assert_eq!(usage["apps"]["batch"]["stt_seconds"], 1.5);
+    assert_eq!(
+        proxy
+            .metric(r#"smallest_proxy_usage_stt_seconds_total{app="batch",how="pcm_bytes"}"#)
+            .await,
+        1.5
+    );
+    // An encoding the query does not make measurable: the seconds the socket was open.
+    let mut ws = proxy
+        .websocket("/waves/v1/pulse/get_text?encoding=opus", BATCH_TOKEN)
+        .await
+        .expect("handshake");
+    ws.send(Message::Binary(vec![0x11; 1000])).await.unwrap();
+    ws.send(Message::Text("{}".into())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["audio_bytes"], 1000);
+    ws.close(None).await.unwrap();
+    for _ in 0..500 {
+        let text = String::from_utf8_lossy(&proxy.get("/metrics").await.1).into_owned();
+        if text.contains(r#"smallest_proxy_usage_stt_seconds_total{app="batch",how="connection_seconds"}"#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = String::from_utf8_lossy(&proxy.get("/metrics").await.1).into_owned();
+    assert!(text.contains(r#"how="connection_seconds""#), "{text}");
+    let logs = log_text();
+    for secret in [TTS_TEXT, AGENT_TOKEN, BATCH_TOKEN] {
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("{secret:?} appeared in the logs: {line}");
+        }
+    }
+    proxy.stop().await;
 }

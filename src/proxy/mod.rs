@@ -17,6 +17,7 @@ pub mod rewrite;
 pub mod synthesis;
 pub mod tunnel;
 pub mod upgrade;
+pub mod ws_meter;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -327,6 +328,9 @@ impl Proxy {
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let socket_meter = self.usage.as_ref().and_then(|usage| {
+                    ws_meter::SocketMeter::for_socket(usage, exchange.app(), uri.path(), uri.query())
+                });
                 return Ok(upgrade::open_tunnel(
                     client_upgrade,
                     response,
@@ -335,6 +339,7 @@ impl Proxy {
                     self.bounds.stream_idle_timeout,
                     &self.tunnels,
                     count_syntheses.then(|| class.clone()),
+                    socket_meter,
                 ));
             }
         }
