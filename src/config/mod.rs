@@ -135,6 +135,7 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
                     || key.starts_with(&format!("{k}."))
                     || key.starts_with(&format!("{k}["))
                     || k.starts_with(&format!("{key}."))
+                    || same_element(k, key)
             })
             .map(|(_, v)| v)
         {
@@ -231,6 +232,15 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
         }
     }
     span.map(|s| line_col(text, s.start))
+}
+
+/// Both keys are fields of one array element (`limits.class[0].name` and
+/// `limits.class[0].paths`): an element made from the environment is blamed on its variable.
+fn same_element(a: &str, b: &str) -> bool {
+    match (a.rfind(']'), b.rfind(']')) {
+        (Some(i), Some(j)) => a[..=i] == b[..=j],
+        _ => false,
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -554,7 +564,7 @@ max_stale = "2h"
         assert_eq!(e.location, "environment variable SMALLEST_PROXY_LIMITS_QUEUE_TIMEOUT");
         assert!(e.message.contains("not a duration"), "{e}");
         // A class from the environment without its paths: the variable is blamed.
-        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "tts")])).unwrap_err();
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "speech")])).unwrap_err();
         assert_eq!(
             e.location, "environment variable SMALLEST_PROXY_LIMITS_CLASS_0_NAME",
             "{e}"
