@@ -739,3 +739,29 @@ async fn websockets_are_metered_per_synthesis_and_by_audio_bytes() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn usage_is_served_on_the_admin_address_when_one_is_set() {
+    logs();
+    let pki = TestPki::new();
+    let up = upstream(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::at(T0);
+    let admin = format!("127.0.0.1:{}", support::servers::free_port());
+    let extra = format!("[admin]\naddress = \"{admin}\"\n");
+    let proxy = Proxy::start(config(dir.path(), up, &pki.ca_file, &extra), &clock).await;
+    let (s, _, _) = proxy.post("/waves/v1/tts", Some(AGENT_TOKEN), tts_body("hello")).await;
+    assert_eq!(s, 200);
+    let (status, body) = proxy.get("/usage").await;
+    assert_eq!((status, json(&body)["code"].as_str()), (404, Some("NOT_FOUND")), "not on the main port");
+    for _ in 0..500 {
+        let (status, _, body) = support::get(&format!("http://{admin}/usage")).await;
+        assert_eq!(status, 200);
+        if json(&body)["apps"]["agent"]["tts_characters"] == 5 {
+            proxy.stop().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the admin address never showed the app's usage");
+}
