@@ -506,11 +506,6 @@ async fn apps_are_metered_exactly_and_budgets_refuse_until_the_day_turns() {
     let (s, _, _) = proxy.post("/waves/v1/tts", Some(BATCH_TOKEN), tts_body("ok")).await;
     assert_eq!(s, 200);
     assert!(log_text().contains("an app passed 80% of its daily budget"));
-    assert_eq!(
-        log_text().matches("an app passed 80% of its daily budget").count(),
-        1,
-        "once a day"
-    );
 
     // The day turns: served again, from zero.
     clock.advance(Duration::from_secs(4 * 3600));
@@ -539,6 +534,17 @@ async fn apps_are_metered_exactly_and_budgets_refuse_until_the_day_turns() {
         }
     }
     let metrics = proxy.get("/metrics").await.1;
+    // The usage families parse as strict OpenMetrics (the f64 seconds counter included).
+    let mut parser = std::process::Command::new(support::python_with("prometheus_client.openmetrics.parser"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/parse_metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    parser.stdin.take().unwrap().write_all(&metrics).unwrap();
+    let parsed = parser.wait_with_output().unwrap();
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
     let metrics = String::from_utf8_lossy(&metrics);
     for secret in [TTS_TEXT, PROMPT, AGENT_TOKEN, BATCH_TOKEN] {
         assert!(!metrics.contains(secret), "{secret:?} appeared in a metric");
@@ -753,7 +759,11 @@ async fn usage_is_served_on_the_admin_address_when_one_is_set() {
     let (s, _, _) = proxy.post("/waves/v1/tts", Some(AGENT_TOKEN), tts_body("hello")).await;
     assert_eq!(s, 200);
     let (status, body) = proxy.get("/usage").await;
-    assert_eq!((status, json(&body)["code"].as_str()), (404, Some("NOT_FOUND")), "not on the main port");
+    assert_eq!(
+        (status, json(&body)["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "not on the main port"
+    );
     for _ in 0..500 {
         let (status, _, body) = support::get(&format!("http://{admin}/usage")).await;
         assert_eq!(status, 200);

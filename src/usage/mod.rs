@@ -363,7 +363,7 @@ impl Usage {
             },
             None => after,
         };
-        self.warn_near_budget(app, &after);
+        let _ = self.warn_near_budget(app, &after);
     }
 
     fn seen_shared(&self, day: u64, app: &str, totals: &Totals) {
@@ -398,7 +398,9 @@ impl Usage {
         }
     }
 
-    fn warn_near_budget(&self, app: &str, totals: &Totals) {
+    /// WARN once a day per app and budget past 80%; returns how many were logged now.
+    fn warn_near_budget(&self, app: &str, totals: &Totals) -> usize {
+        let mut warned = 0;
         for meter in [Meter::TtsCharacters, Meter::SttSeconds, Meter::LlmTokens] {
             let Some(budget) = self.budget(app, meter) else {
                 continue;
@@ -416,8 +418,10 @@ impl Usage {
                     percent = (spent * 100.0 / budget.max(1) as f64).round(),
                     "an app passed 80% of its daily budget"
                 );
+                warned += 1;
             }
         }
+        warned
     }
 
     /// `/usage`: today's totals and budgets of every configured app, `default`, and any other
@@ -577,6 +581,23 @@ mod tests {
         clock.advance(Duration::from_secs(3600));
         u.check("agent", Meter::TtsCharacters).await.unwrap();
         assert_eq!(u.totals("agent").await, Totals::default());
+    }
+
+    #[tokio::test]
+    async fn the_80_percent_warning_comes_once_a_day() {
+        let clock = TestClock::at(1_795_734_000);
+        let u = usage(&clock);
+        let at = |n| Totals {
+            tts_characters: n,
+            ..Totals::default()
+        };
+        assert_eq!(u.warn_near_budget("agent", &at(7)), 0);
+        assert_eq!(u.warn_near_budget("agent", &at(8)), 1);
+        assert_eq!(u.warn_near_budget("agent", &at(12)), 0, "once");
+        assert_eq!(u.warn_near_budget("default", &at(100)), 0, "no budget, no warning");
+        clock.advance(Duration::from_secs(DAY_SECS));
+        assert_eq!(u.totals("agent").await, Totals::default(), "a new day");
+        assert_eq!(u.warn_near_budget("agent", &at(9)), 1, "again the next day");
     }
 
     #[tokio::test]
