@@ -115,6 +115,7 @@ fn check_prints_every_value_the_classes_and_the_preset_rules() {
         "allow_logs = false",
         "#   listen: http://127.0.0.1:8787",
         "#   key: from the environment variable SMALLEST_API_KEY",
+        "#   default: every other caller; no budget",
         "#   default: every path no other class claims: max_concurrent 4",
         "#   tts: /waves/v1/tts: max_concurrent 1, max_websockets 5, rate 0/1s, max_queue 1000, queue_timeout 30s",
         "#   deny  /waves/v1/chat/**",

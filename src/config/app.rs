@@ -119,6 +119,43 @@ pub(crate) fn validate_apps(apps: &[AppConfig]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// One line per app for `check`: how it is told, and its budgets.
+pub fn describe_apps(apps: &[AppConfig], require_app: bool) -> Vec<String> {
+    let mut lines: Vec<String> = apps
+        .iter()
+        .map(|a| {
+            let mut by = Vec::new();
+            if let Some(path) = &a.token_file {
+                by.push(format!("token in {}", path.display()));
+            }
+            if !a.uids.is_empty() {
+                let uids: Vec<String> = a.uids.iter().map(u32::to_string).collect();
+                by.push(format!("uids {}", uids.join(", ")));
+            }
+            let budgets: Vec<String> = [
+                ("tts characters", a.daily_tts_characters),
+                ("stt seconds", a.daily_stt_seconds),
+                ("llm tokens", a.daily_llm_tokens),
+            ]
+            .iter()
+            .filter_map(|(what, n)| n.map(|n| format!("{n} {what}")))
+            .collect();
+            let budgets = if budgets.is_empty() {
+                "no budget".to_string()
+            } else {
+                format!("a day: {}", budgets.join(", "))
+            };
+            format!("{}: by {}; {budgets}", a.name, by.join(" or "))
+        })
+        .collect();
+    lines.push(if require_app {
+        format!("{DEFAULT_APP_NAME}: refused (listen.require_app)")
+    } else {
+        format!("{DEFAULT_APP_NAME}: every other caller; no budget")
+    });
+    lines
+}
+
 impl UsageConfig {
     pub(crate) fn validate(&self) -> Result<(), Invalid> {
         if self.save_interval < Duration::from_millis(100) {
@@ -176,6 +213,27 @@ mod tests {
             assert!(e.message.contains(needle), "{e}");
             assert!(e.location.starts_with("p.toml:"), "{e}");
         }
+    }
+
+    #[test]
+    fn check_describes_each_app_and_the_default() {
+        let apps = vec![super::AppConfig {
+            name: "agent".into(),
+            uids: vec![5, 6],
+            daily_tts_characters: Some(10),
+            ..Default::default()
+        }];
+        assert_eq!(
+            super::describe_apps(&apps, false),
+            vec![
+                "agent: by uids 5, 6; a day: 10 tts characters".to_string(),
+                "default: every other caller; no budget".to_string()
+            ]
+        );
+        assert_eq!(
+            super::describe_apps(&[], true)[0],
+            "default: refused (listen.require_app)"
+        );
     }
 
     #[test]
