@@ -775,3 +775,28 @@ async fn usage_is_served_on_the_admin_address_when_one_is_set() {
     }
     panic!("the admin address never showed the app's usage");
 }
+
+#[tokio::test]
+async fn with_redis_down_usage_is_counted_in_the_process_and_requests_are_served() {
+    logs();
+    let pki = TestPki::new();
+    let up = upstream(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::at(T0);
+    // Nothing listens on this port.
+    let extra = format!(
+        "[limits.shared]\nredis_url = \"redis://127.0.0.1:{}\"\n",
+        support::servers::free_port()
+    );
+    let proxy = Proxy::start(config(dir.path(), up, &pki.ca_file, &extra), &clock).await;
+    for _ in 0..3 {
+        let (s, _, _) = proxy.post("/waves/v1/tts", Some(AGENT_TOKEN), tts_body(TTS_TEXT)).await;
+        assert_eq!(s, 200);
+    }
+    usage_until(&proxy, |u| u["apps"]["agent"]["tts_characters"] == 60).await;
+    // The budget still holds, on this replica's own count.
+    let (s, _, body) = proxy.post("/waves/v1/tts", Some(AGENT_TOKEN), tts_body("x")).await;
+    assert_eq!((s, json(&body)["code"].as_str()), (429, Some("BUDGET_EXCEEDED")));
+    assert!(log_text().contains("usage totals: Redis failed"));
+    proxy.stop().await;
+}

@@ -5,7 +5,7 @@
 //! names, added to with `HINCRBY`/`HINCRBYFLOAT` and kept two days. An add and the read of the
 //! new totals are one `MULTI` round trip. When Redis fails or is slower than
 //! `limits.shared.timeout`, the store answers from this process's own totals (which it keeps
-//! anyway) and says so once in the log; it tries Redis again on the next call.
+//! anyway) and says so once in the log; it asks Redis again a second later.
 
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
@@ -24,7 +24,12 @@ pub struct SharedUsage {
     prefix: String,
     timeout: Duration,
     failing: AtomicBool,
+    /// After a failure Redis is not asked again for [`RETRY_AFTER_FAILURE`]: requests must not
+    /// each wait out a timeout while it is down.
+    down_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for SharedUsage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,6 +48,7 @@ impl SharedUsage {
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             failing: AtomicBool::new(false),
+            down_until: std::sync::Mutex::new(None),
         })
     }
 
@@ -64,6 +70,8 @@ impl SharedUsage {
     }
 
     fn failed(&self, why: &str) {
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now() + RETRY_AFTER_FAILURE);
         if !self.failing.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 error = why,
@@ -79,6 +87,10 @@ impl SharedUsage {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Pipeline) -> Option<T> {
+        let down = *self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_some_and(|until| tokio::time::Instant::now() < until) {
+            return None;
+        }
         let mut conn = self.connection().await?;
         match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => {
