@@ -27,6 +27,8 @@ pub const STT_LIVE_PATHS: &[&str] = &["/waves/v1/stt/live", "/waves/v1/pulse/get
 const HEAD_BYTES: usize = 4096;
 /// A JSON response longer than this is not read for `usage`.
 const MAX_JSON_RESPONSE: usize = 1 << 20;
+/// A streamed TTS body (past the 64 KiB that are buffered) is kept up to this to count its text.
+const MAX_STREAMED_TTS_BODY: usize = 1 << 20;
 /// An SSE line longer than this is skipped.
 const MAX_SSE_LINE: usize = 1 << 20;
 
@@ -200,6 +202,8 @@ impl Scan {
 #[derive(Debug)]
 enum Measure {
     Tts(u64),
+    /// A TTS body that streamed through: its bytes as they passed, up to a bound.
+    TtsStreamed(Mutex<Vec<u8>>),
     Stt {
         query: Option<String>,
         head: Mutex<Vec<u8>>,
@@ -215,12 +219,14 @@ pub struct Metering {
 }
 
 impl Metering {
-    /// A TTS request whose JSON body is `body`.
-    pub fn tts(usage: Arc<Usage>, body: &[u8]) -> Metering {
-        Metering {
-            usage,
-            measure: Measure::Tts(tts_characters(body)),
-        }
+    /// A TTS request whose JSON body is `body` (`None`: it streams through, and is read as it
+    /// passes).
+    pub fn tts(usage: Arc<Usage>, body: Option<&[u8]>) -> Metering {
+        let measure = match body {
+            Some(body) => Measure::Tts(tts_characters(body)),
+            None => Measure::TtsStreamed(Mutex::new(Vec::new())),
+        };
+        Metering { usage, measure }
     }
 
     /// An STT upload; `body` is the whole body when it was buffered (else its first bytes are
@@ -245,11 +251,14 @@ impl Metering {
 
     /// Request body bytes as they stream to the upstream.
     pub fn request_data(&self, data: &[u8]) {
-        if let Measure::Stt { head, .. } = &self.measure {
-            let mut head = head.lock().unwrap_or_else(|p| p.into_inner());
-            let room = HEAD_BYTES.saturating_sub(head.len());
-            head.extend_from_slice(&data[..data.len().min(room)]);
-        }
+        let (kept, bound) = match &self.measure {
+            Measure::Stt { head, .. } => (head, HEAD_BYTES),
+            Measure::TtsStreamed(body) => (body, MAX_STREAMED_TTS_BODY),
+            _ => return,
+        };
+        let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+        let room = bound.saturating_sub(kept.len());
+        kept.extend_from_slice(&data[..data.len().min(room)]);
     }
 
     /// Response body bytes as they go to the client.
@@ -267,6 +276,10 @@ impl Metering {
         let add = match &self.measure {
             Measure::Tts(0) => return,
             Measure::Tts(n) => Add::Tts(*n),
+            Measure::TtsStreamed(body) => match tts_characters(&body.lock().unwrap_or_else(|p| p.into_inner())) {
+                0 => return,
+                n => Add::Tts(n),
+            },
             Measure::Stt { query, head } => {
                 let head = head.lock().unwrap_or_else(|p| p.into_inner());
                 match stt_seconds(&head, request_bytes, query.as_deref()) {
@@ -335,6 +348,26 @@ mod tests {
         );
         assert_eq!(tts_characters("{\"text\":\"日本語\"}".as_bytes()), 3);
         assert_eq!(tts_characters(b"not json"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_tts_body_is_read_as_it_passes() {
+        let usage = Arc::new(Usage::new(
+            Arc::new(crate::usage::TestClock::at(1_795_734_000)),
+            Arc::new(crate::metrics::Metrics::new()),
+        ));
+        let text = "é".repeat(40_000); // 80 000 bytes: past the buffered 64 KiB
+        let body = serde_json::json!({"text": text}).to_string();
+        let m = Metering::tts(usage.clone(), None);
+        body.as_bytes().chunks(1000).for_each(|c| m.request_data(c));
+        m.commit("a", http::StatusCode::OK, body.len() as u64);
+        for _ in 0..100 {
+            if usage.totals("a").await.tts_characters > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(usage.totals("a").await.tts_characters, 40_000);
     }
 
     #[test]

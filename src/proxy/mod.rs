@@ -171,7 +171,7 @@ impl Proxy {
                 OutgoingBody::Streaming(_) => None,
             };
             exchange.set_metering(match kind {
-                crate::usage::Meter::TtsCharacters => meter::Metering::tts(usage.clone(), whole.unwrap_or_default()),
+                crate::usage::Meter::TtsCharacters => meter::Metering::tts(usage.clone(), whole),
                 crate::usage::Meter::SttSeconds => meter::Metering::stt(usage.clone(), parts.uri.query(), whole),
                 crate::usage::Meter::LlmTokens => meter::Metering::llm(usage.clone()),
             });
