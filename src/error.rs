@@ -52,6 +52,15 @@ pub enum ProxyError {
     UriTooLong(String),
     /// The body is (or grew) larger than `listen.max_body_size`.
     PayloadTooLarge(String),
+    /// `listen.require_app`: the caller matched no `[[app]]`.
+    AppRequired(String),
+    /// The app has spent its daily budget; the body names it and when the day turns.
+    BudgetExceeded {
+        app: String,
+        message: String,
+        resets_at: String,
+        retry_after: Duration,
+    },
 }
 
 impl ProxyError {
@@ -73,6 +82,8 @@ impl ProxyError {
             ProxyError::HeadersTooLarge(_) => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "HEADERS_TOO_LARGE"),
             ProxyError::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "URI_TOO_LONG"),
             ProxyError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+            ProxyError::AppRequired(_) => (StatusCode::UNAUTHORIZED, "APP_REQUIRED"),
+            ProxyError::BudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "BUDGET_EXCEEDED"),
         }
     }
 
@@ -91,7 +102,9 @@ impl ProxyError {
             | ProxyError::ForbiddenPath(m)
             | ProxyError::HeadersTooLarge(m)
             | ProxyError::UriTooLong(m)
-            | ProxyError::PayloadTooLarge(m) => m.clone(),
+            | ProxyError::PayloadTooLarge(m)
+            | ProxyError::AppRequired(m) => m.clone(),
+            ProxyError::BudgetExceeded { message, .. } => message.clone(),
             ProxyError::RateLimited { message, .. } => message.clone(),
             ProxyError::KeyUnavailable => {
                 "no usable API key: the key source has not given a valid one (/ready says why); nothing is served until it does".into()
@@ -110,6 +123,17 @@ impl ProxyError {
         if let ProxyError::RateLimited { retry_after, .. } = self {
             body["retry_after"] = serde_json::json!(retry_after_secs(*retry_after));
         }
+        if let ProxyError::BudgetExceeded {
+            app,
+            resets_at,
+            retry_after,
+            ..
+        } = self
+        {
+            body["app"] = serde_json::json!(app);
+            body["resets_at"] = serde_json::json!(resets_at);
+            body["retry_after"] = serde_json::json!(retry_after_secs(*retry_after));
+        }
         body
     }
 
@@ -125,7 +149,7 @@ impl ProxyError {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, id);
         }
-        if let ProxyError::RateLimited { retry_after, .. } = &self {
+        if let ProxyError::RateLimited { retry_after, .. } | ProxyError::BudgetExceeded { retry_after, .. } = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
         }
         if let ProxyError::PayloadTooLarge(_) | ProxyError::UnsupportedFraming(_) = &self {
@@ -162,6 +186,17 @@ mod tests {
             (ProxyError::HeadersTooLarge("x".into()), 431, "HEADERS_TOO_LARGE"),
             (ProxyError::UriTooLong("x".into()), 414, "URI_TOO_LONG"),
             (ProxyError::PayloadTooLarge("x".into()), 413, "PAYLOAD_TOO_LARGE"),
+            (ProxyError::AppRequired("x".into()), 401, "APP_REQUIRED"),
+            (
+                ProxyError::BudgetExceeded {
+                    app: "a".into(),
+                    message: "x".into(),
+                    resets_at: "2026-01-02T00:00:00Z".into(),
+                    retry_after: Duration::from_secs(5),
+                },
+                429,
+                "BUDGET_EXCEEDED",
+            ),
         ];
         for (err, status, code) in cases {
             let (s, c) = err.status_and_code();

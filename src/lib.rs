@@ -30,6 +30,7 @@ pub mod service;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 use arc_swap::ArcSwap;
 use http::Request;
@@ -86,13 +87,37 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reload: Option<reload::ReloadSource>,
 ) -> Result<(), RunError> {
+    run_with_clock(config, listeners, shutdown, reload, Arc::new(usage::SystemClock)).await
+}
+
+/// [`run_with_reload`] with the time source of usage days and budgets given (tests turn the
+/// day with a [`usage::TestClock`]).
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<reload::ReloadSource>,
+    clock: Arc<dyn usage::Clock>,
+) -> Result<(), RunError> {
     let token = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let tunnels = Tunnels::default();
+    let usage = Arc::new(usage::Usage::new(clock, metrics.clone()));
+    let usage_file = config.usage.state_file.clone();
+    if let Some(path) = &usage_file {
+        usage::state::load(&usage, path);
+    }
+    usage::spawn_upkeep(
+        usage.clone(),
+        usage_file.clone(),
+        config.usage.save_interval,
+        token.clone(),
+    );
     let shared = || reload::Shared {
         metrics: metrics.clone(),
         tunnels: tunnels.clone(),
         run: token.clone(),
+        usage: usage.clone(),
     };
     let admin_listener = match config.admin.socket_address() {
         Some(address) => Some(
@@ -115,6 +140,7 @@ pub async fn run_with_reload(
     }
     let app = Arc::new(App {
         state: state.clone(),
+        usage: usage.clone(),
         metrics,
         metrics_on_main: admin_listener.is_none(),
     });
@@ -198,6 +224,9 @@ pub async fn run_with_reload(
                 "WebSocket tunnels still open; exiting anyway"
             );
         }
+    }
+    if let Some(path) = &usage_file {
+        usage::state::save(&usage, path);
     }
     tracing::info!("smallest-proxy stopped");
     Ok(())

@@ -285,6 +285,10 @@ fn print_check(config: &Config, path: Option<&std::path::Path>) {
         _ => format!("{:?} source", config.key.source).to_ascii_lowercase(),
     };
     println!("#   key: from the {key_place}");
+    println!("# apps (usage per app, /usage):");
+    for line in smallest_proxy::config::describe_apps(&config.apps, config.listen.require_app) {
+        println!("#   {line}");
+    }
     println!("# limit classes in force (your classes' paths first, then the profile's; 0 = unlimited):");
     for line in config.limits.describe_classes() {
         println!("#   {line}");

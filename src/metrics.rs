@@ -39,6 +39,8 @@ pub struct ThrottleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub class: String,
+    /// The local app (`[[app]]`, or `default`).
+    pub app: String,
     /// The status the client got (from the upstream or from the proxy itself).
     pub status: u16,
 }
@@ -57,6 +59,32 @@ pub struct FallbackLabels {
     pub to: String,
     /// `connect`, `timeout`, `503` or `429`.
     pub reason: &'static str,
+}
+
+/// A local app (`[[app]]` names are validated: short, label-safe; `default` otherwise).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    pub app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SttLabels {
+    pub app: String,
+    /// How the seconds were measured: `wav_header`, `bitrate`, `pcm_bytes`, `connection`.
+    pub how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LlmLabels {
+    pub app: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppStatusLabels {
+    pub app: String,
+    pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +126,13 @@ pub struct Metrics {
     pub response_bytes: Family<ClassLabel, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub route_fallbacks: Family<FallbackLabels, Counter>,
+    /// Usage per app (`usage`): what the upstream accepted.
+    pub usage_tts_characters: Family<AppLabel, Counter>,
+    pub usage_stt_seconds: Family<SttLabels, Counter<f64, AtomicU64>>,
+    pub usage_stt_unmetered: Family<AppLabel, Counter>,
+    pub usage_llm_tokens: Family<LlmLabels, Counter>,
+    pub app_auth_failures: Family<AppStatusLabels, Counter>,
+    pub budget_refusals: Family<AppLabel, Counter>,
     /// The key store in use (swapped by a reload that changes `[key]`), read at scrape time.
     pub keys: Arc<KeyMetrics>,
 }
@@ -130,6 +165,12 @@ impl Metrics {
             response_bytes: Family::default(),
             config_reloads: Family::default(),
             route_fallbacks: Family::default(),
+            usage_tts_characters: Family::default(),
+            usage_stt_seconds: Family::default(),
+            usage_stt_unmetered: Family::default(),
+            usage_llm_tokens: Family::default(),
+            app_auth_failures: Family::default(),
+            budget_refusals: Family::default(),
             keys: Arc::new(KeyMetrics::default()),
             registry: Registry::default(),
         };
@@ -222,6 +263,36 @@ impl Metrics {
             "route_fallbacks",
             "Requests a [[route]] sent to its fallback route, by route and reason",
             metrics.route_fallbacks.clone(),
+        );
+        registry.register(
+            "usage_tts_characters",
+            "Characters of text sent for synthesis and accepted by the upstream, by app",
+            metrics.usage_tts_characters.clone(),
+        );
+        registry.register(
+            "usage_stt_seconds",
+            "Seconds of audio sent for transcription and accepted by the upstream, by app and how they were measured",
+            metrics.usage_stt_seconds.clone(),
+        );
+        registry.register(
+            "usage_stt_unmetered_requests",
+            "Transcription requests whose audio length could not be measured, by app",
+            metrics.usage_stt_unmetered.clone(),
+        );
+        registry.register(
+            "usage_llm_tokens",
+            "LLM tokens the upstream reported, by app and kind (prompt or completion)",
+            metrics.usage_llm_tokens.clone(),
+        );
+        registry.register(
+            "app_upstream_auth_failures",
+            "Upstream 401 and 403 answers, by app",
+            metrics.app_auth_failures.clone(),
+        );
+        registry.register(
+            "budget_refusals",
+            "Requests refused with 429 BUDGET_EXCEEDED, by app",
+            metrics.budget_refusals.clone(),
         );
         // Both results exist from the start, so a failure shows as an increase from 0.
         for result in ["success", "failure"] {

@@ -41,6 +41,8 @@ pub struct Shared {
     pub tunnels: Tunnels,
     /// Cancelled at shutdown: stops every key refresher.
     pub run: CancellationToken,
+    /// Usage per app: kept across reloads (a reload changes the apps and budgets only).
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 /// Replaces the running subscriber's filter with one parsed from a `log.level` string.
@@ -97,7 +99,9 @@ pub async fn build(config: Config, previous: Option<&RunState>, shared: &Shared)
         limiter.clone(),
         Bounds::from_config(&config),
     )
-    .with_tunnels(shared.tunnels.clone());
+    .with_tunnels(shared.tunnels.clone())
+    .with_usage(shared.usage.clone());
+    crate::usage::configure(&shared.usage, &config, previous.map(|p| &p.config));
     Ok(RunState {
         config,
         checks,
@@ -201,8 +205,10 @@ async fn build_route(
             start_limits(name, &own.limits, old, shared).await.map_err(blame)?
         }
     };
+    // A route's requests are metered for their app like the default route's.
     let proxy = Proxy::new(upstream, keys.store.clone(), limiter.clone(), Bounds::from_config(&own))
-        .with_tunnels(shared.tunnels.clone());
+        .with_tunnels(shared.tunnels.clone())
+        .with_usage(shared.usage.clone());
     Ok(Route {
         config: route.clone(),
         proxy,

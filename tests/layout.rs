@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Height of a room: a file may use its own room and rooms of lower height only.
 fn height(room: &str) -> Option<u8> {
     match room {
-        "config" | "error" | "keys" | "limits" | "metrics" | "timeouts" | "tls" => Some(0),
+        "config" | "error" | "keys" | "limits" | "metrics" | "timeouts" | "tls" | "usage" => Some(0),
         "upstream" => Some(1),
         "proxy" => Some(2),
         "server" => Some(3),

@@ -85,19 +85,19 @@ async fn metrics_parse_as_openmetrics_and_count_requests_bytes_and_latency_by_cl
     let base = proxy.url("");
     wait_metric(
         &base,
-        "smallest_proxy_requests_total{class=\"tts\",status=\"200\"}",
+        "smallest_proxy_requests_total{class=\"tts\",app=\"default\",status=\"200\"}",
         |v| v >= 2.0,
     )
     .await;
     wait_metric(
         &base,
-        "smallest_proxy_requests_total{class=\"default\",status=\"404\"}",
+        "smallest_proxy_requests_total{class=\"default\",app=\"default\",status=\"404\"}",
         |v| v >= 1.0,
     )
     .await;
     wait_metric(
         &base,
-        "smallest_proxy_requests_total{class=\"default\",status=\"200\"}",
+        "smallest_proxy_requests_total{class=\"default\",app=\"default\",status=\"200\"}",
         |v| v >= 3.0,
     )
     .await;
@@ -235,6 +235,7 @@ async fn access_lines_are_json_with_every_field_and_never_the_query_a_header_or_
     assert_eq!(fields["bytes_in"], 10);
     assert_eq!(fields["bytes_out"], 10);
     assert_eq!(fields["outcome"], "complete");
+    assert_eq!(fields["app"], "default");
     for timing in ["duration_ms", "queue_wait_ms", "upstream_ms"] {
         let ms = fields[timing]
             .as_f64()
@@ -290,7 +291,7 @@ async fn the_admin_address_serves_metrics_health_and_ready_and_the_main_port_no_
     assert_eq!(get(&proxy.url("/echo")).await.0, 200);
     wait_metric(
         &admin,
-        "smallest_proxy_requests_total{class=\"default\",status=\"200\"}",
+        "smallest_proxy_requests_total{class=\"default\",app=\"default\",status=\"200\"}",
         |v| v == 1.0,
     )
     .await;

@@ -58,6 +58,9 @@ pub struct ListenConfig {
     /// the config: the config is printed by `check`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// A caller that matches no `[[app]]` (by token or uid) is refused with 401 `APP_REQUIRED`
+    /// instead of being counted as the `default` app.
+    pub require_app: bool,
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
@@ -81,6 +84,7 @@ impl Default for ListenConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             allowed_uids: Vec::new(),
             token_file: None,
+            require_app: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,

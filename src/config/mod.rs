@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod admin;
+mod app;
 mod env;
 mod key;
 mod limits;
@@ -29,6 +30,7 @@ mod route;
 mod upstream;
 
 pub use admin::*;
+pub use app::*;
 pub use env::{ignored_service_links, is_service_link};
 pub use key::*;
 pub use limits::*;
@@ -58,6 +60,10 @@ pub struct Config {
     /// `[[route]]`: more upstreams, each with its own key, chosen by path prefix.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<RouteConfig>,
+    pub usage: UsageConfig,
+    /// `[[app]]`: the local apps sharing the key (see `app.rs`).
+    #[serde(rename = "app", skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<AppConfig>,
 }
 
 /// A failed check: the dotted key path and a sentence saying what is wrong.
@@ -134,6 +140,7 @@ pub fn load_text(path: Option<&Path>, text: &str, vars: &[(String, String)]) -> 
                     || key.starts_with(&format!("{k}."))
                     || key.starts_with(&format!("{k}["))
                     || k.starts_with(&format!("{key}."))
+                    || same_element(k, key)
             })
             .map(|(_, v)| v)
         {
@@ -188,6 +195,8 @@ impl Config {
         self.limits.validate()?;
         self.admin.validate()?;
         self.log.validate()?;
+        self.usage.validate()?;
+        app::validate_apps(&self.apps)?;
         route::validate(self)
     }
 }
@@ -233,6 +242,15 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
         }
     }
     span.map(|s| line_col(text, s.start))
+}
+
+/// Both keys are fields of one array element (`limits.class[0].name` and
+/// `limits.class[0].paths`): an element made from the environment is blamed on its variable.
+fn same_element(a: &str, b: &str) -> bool {
+    match (a.rfind(']'), b.rfind(']')) {
+        (Some(i), Some(j)) => a[..=i] == b[..=j],
+        _ => false,
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -556,7 +574,7 @@ max_stale = "2h"
         assert_eq!(e.location, "environment variable SMALLEST_PROXY_LIMITS_QUEUE_TIMEOUT");
         assert!(e.message.contains("not a duration"), "{e}");
         // A class from the environment without its paths: the variable is blamed.
-        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "tts")])).unwrap_err();
+        let e = load_text(None, "", &env(&[("SMALLEST_PROXY_LIMITS_CLASS_0_NAME", "speech")])).unwrap_err();
         assert_eq!(
             e.location, "environment variable SMALLEST_PROXY_LIMITS_CLASS_0_NAME",
             "{e}"

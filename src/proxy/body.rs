@@ -89,7 +89,7 @@ impl Body for ProxyBody {
                 let polled = Pin::new(incoming).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     if let Some(data) = frame.data_ref() {
-                        exchange.add_request_bytes(data.len() as u64);
+                        exchange.note_request_data(data);
                     }
                 }
                 polled.map_err(Into::into)
@@ -121,7 +121,9 @@ impl Body for ProxyBody {
                 let polled = Pin::new(body).poll_frame(cx).map_err(BodyError::from);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                    exchange.add_request_bytes(len);
+                    if let Some(data) = frame.data_ref() {
+                        exchange.note_request_data(data);
+                    }
                     match remaining.checked_sub(len) {
                         Some(left) => *remaining = left,
                         None => {

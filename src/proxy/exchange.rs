@@ -10,7 +10,10 @@
 //!
 //! Never a header, never the key, never the query string (it may carry secrets): the line holds
 //! method, path, status, duration, bytes in and out, request id, class, queue wait, the
-//! caller's uid on a Unix socket, and the fallback when a `[[route]]` handed the request on.
+//! caller's uid on a Unix socket, its app (`[[app]]`), and the fallback when a `[[route]]`
+//! handed the request on. When the path is metered, the record also carries the request's
+//! [`super::meter::Metering`], fed the body bytes as they pass and committed when the record
+//! finishes.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -51,6 +54,10 @@ pub struct Exchange {
     request_id: OnceLock<String>,
     /// `from->to (reason)` when a `[[route]]` handed the request to its fallback.
     fallback: OnceLock<String>,
+    /// The local app (`[[app]]`), once the client side identified it.
+    app: OnceLock<Arc<str>>,
+    /// What the request spends, when its path is metered (`meter`).
+    metering: OnceLock<super::meter::Metering>,
 }
 
 impl Exchange {
@@ -73,6 +80,36 @@ impl Exchange {
             upstream_us: AtomicU64::new(UNSET),
             request_id: OnceLock::new(),
             fallback: OnceLock::new(),
+            app: OnceLock::new(),
+            metering: OnceLock::new(),
+        }
+    }
+
+    pub fn set_app(&self, app: Arc<str>) {
+        let _ = self.app.set(app);
+    }
+
+    /// The request's app; `default` until (or unless) one was identified.
+    pub fn app(&self) -> &str {
+        self.app.get().map_or(crate::config::DEFAULT_APP_NAME, |a| a)
+    }
+
+    pub fn set_metering(&self, metering: super::meter::Metering) {
+        let _ = self.metering.set(metering);
+    }
+
+    /// A streamed request body's bytes: counted, and shown to the meter (which keeps the first
+    /// few of an audio upload to read its header).
+    pub fn note_request_data(&self, data: &[u8]) {
+        self.add_request_bytes(data.len() as u64);
+        if let Some(metering) = self.metering.get() {
+            metering.request_data(data);
+        }
+    }
+
+    fn note_response_data(&self, data: &[u8]) {
+        if let Some(metering) = self.metering.get() {
+            metering.response_data(data);
         }
     }
 
@@ -121,7 +158,10 @@ impl Exchange {
         if upstream_us != UNSET {
             class.upstream_latency.observe(upstream_us as f64 / 1e6);
         }
-        class.count_request(status.as_u16());
+        class.count_request(status.as_u16(), self.app());
+        if let Some(metering) = self.metering.get() {
+            metering.commit(self.app(), status, request_bytes);
+        }
         if let Some(uid) = self.peer_uid {
             class.unix_callers.get_or_create(&CallerLabels { uid }).inc();
         }
@@ -144,6 +184,7 @@ impl Exchange {
             upstream_ms = ms(upstream_us),
             uid = self.peer_uid,
             fallback = self.fallback.get().map(String::as_str),
+            app = self.app(),
             outcome,
             "access"
         );
@@ -183,15 +224,17 @@ impl ClassHandles {
         }
     }
 
-    fn count_request(&self, status: u16) {
+    fn count_request(&self, status: u16, app: &str) {
         let lookup = || {
             let labels = RequestLabels {
                 class: self.name.clone(),
+                app: app.to_string(),
                 status,
             };
             self.requests.get_or_create(&labels).clone()
         };
-        if status == 200 {
+        // The cached series is the default app's (the common case without `[[app]]`).
+        if status == 200 && app == crate::config::DEFAULT_APP_NAME {
             self.ok.get_or_init(lookup).inc();
         } else {
             lookup().inc();
@@ -259,6 +302,9 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Some(exchange) = &this.exchange {
+                        exchange.note_response_data(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.finish("complete");

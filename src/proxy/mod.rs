@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod exchange;
+pub mod meter;
 pub mod refusal;
 pub mod resend;
 pub mod rewrite;
@@ -18,6 +19,7 @@ pub mod route;
 pub mod synthesis;
 pub mod tunnel;
 pub mod upgrade;
+pub mod ws_meter;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -45,6 +47,8 @@ pub struct Proxy {
     limiter: Arc<Limiter>,
     bounds: Bounds,
     tunnels: tunnel::Tunnels,
+    /// Usage per app and its budgets (`meter`, `crate::usage`).
+    usage: Option<Arc<crate::usage::Usage>>,
 }
 
 /// The request path's own bounds, from `[listen]` and `[upstream]`.
@@ -73,7 +77,14 @@ impl Proxy {
             limiter,
             bounds,
             tunnels: tunnel::Tunnels::default(),
+            usage: None,
         }
+    }
+
+    /// Meter requests per app into `usage`, and refuse those of an app past its budget.
+    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> Proxy {
+        self.usage = Some(usage);
+        self
     }
 
     /// Spawn WebSocket tunnels on `tunnels` (the run's drain tracks and closes them).
@@ -140,6 +151,11 @@ impl Proxy {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, id);
         }
+        // An app past its daily budget starts no more work (a WebSocket handshake included).
+        let metered = meter::meter_for(parts.uri.path());
+        if let (Some(usage), Some(kind)) = (&self.usage, metered) {
+            usage.check(exchange.app(), kind).await.map_err(ProxyError::from)?;
+        }
         let count_syntheses = websocket && class.limits.websocket_messages;
         let body = if websocket {
             upgrade::restore_upgrade_headers(&mut headers);
@@ -154,6 +170,17 @@ impl Proxy {
         } else {
             Box::pin(resend::prepare(&headers, body)).await?
         };
+        if let (Some(usage), Some(kind), false) = (&self.usage, metered, websocket) {
+            let whole = match &body {
+                OutgoingBody::Replayable(bytes) => Some(&bytes[..]),
+                OutgoingBody::Streaming(_) => None,
+            };
+            exchange.set_metering(match kind {
+                crate::usage::Meter::TtsCharacters => meter::Metering::tts(usage.clone(), whole),
+                crate::usage::Meter::SttSeconds => meter::Metering::stt(usage.clone(), parts.uri.query(), whole),
+                crate::usage::Meter::LlmTokens => meter::Metering::llm(usage.clone()),
+            });
+        }
         let (replayable, mut streaming) = match body {
             OutgoingBody::Replayable(bytes) => {
                 if hop != Hop::Fallback {
@@ -306,17 +333,22 @@ impl Proxy {
             self.keys.note_accepted(&key);
         } else if status == StatusCode::UNAUTHORIZED {
             self.keys.count_auth_failure(401);
+            self.count_app_auth_failure(exchange, 401);
             // A replayable request already asked for a replacement; ask now for the others.
             if resent_after_401 || replayable.is_some() || self.keys.replacement_for(&key).await.is_none() {
                 self.keys.note_rejected(&key, None);
             }
         } else if status == StatusCode::FORBIDDEN {
             self.keys.count_auth_failure(403);
+            self.count_app_auth_failure(exchange, 403);
             return Ok(refusal::inspect(response, &self.keys, &key, self.bounds.stream_idle_timeout).await);
         }
 
         if let Some(client_upgrade) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let socket_meter = self.usage.as_ref().and_then(|usage| {
+                    ws_meter::SocketMeter::for_socket(usage, exchange.app(), uri.path(), uri.query())
+                });
                 return Ok(upgrade::open_tunnel(
                     client_upgrade,
                     response,
@@ -325,6 +357,7 @@ impl Proxy {
                     self.bounds.stream_idle_timeout,
                     &self.tunnels,
                     count_syntheses.then(|| class.clone()),
+                    socket_meter,
                 ));
             }
         }
@@ -356,6 +389,18 @@ pub(crate) fn answer(forwarded: Result<Response<ProxyBody>, Stop>, request_id: &
         }
     }
     response
+}
+
+impl Proxy {
+    fn count_app_auth_failure(&self, exchange: &Exchange, status: u16) {
+        if let Some(usage) = &self.usage {
+            meter::spawn_add(
+                usage.clone(),
+                exchange.app().to_string(),
+                crate::usage::Add::AuthFailure(status),
+            );
+        }
+    }
 }
 
 /// Resends after 429s to probes, per request: each lowers the limit, so few can happen.

@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::tunnel::{close_frame, CLOSE_REPLY_WAIT, GOING_AWAY, INTERNAL_ERROR, UPSTREAM_LOST};
+use super::ws_meter::TtsMeter;
 use crate::limits::{self, auto::Throttle, Class, Kind, Permit, Shed};
 
 /// A frame longer than this ends the tunnel with 1009 (a TTS socket carries JSON and audio
@@ -295,6 +296,9 @@ struct Synthesis {
     probe_resends: u32,
     /// A fragmented text message being put together: its frames and payload.
     partial: Option<(Vec<Bytes>, Vec<u8>)>,
+    /// Usage per app: the running synthesis's characters, counted at its `complete`.
+    meter: Option<TtsMeter>,
+    characters: u64,
 }
 
 impl Synthesis {
@@ -326,6 +330,7 @@ impl Synthesis {
     }
 
     fn end(&mut self) {
+        self.characters = 0;
         self.slot = None;
         self.sent.clear();
         self.sent_bytes = 0;
@@ -345,6 +350,23 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    run_metered(client, upstream, close, class, request_id, None).await
+}
+
+/// [`run`], with each synthesis's characters metered per app (`ws_meter`), and a synthesis
+/// refused with an error frame once the app's budget is spent.
+pub async fn run_metered<C, U>(
+    client: C,
+    upstream: U,
+    close: CancellationToken,
+    class: Arc<Class>,
+    request_id: String,
+    meter: Option<TtsMeter>,
+) -> std::io::Result<&'static str>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let ran = pump(
@@ -355,6 +377,7 @@ where
         close,
         class,
         &request_id,
+        meter,
     )
     .await;
     match ran {
@@ -386,6 +409,8 @@ fn lost(_: std::io::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::BrokenPipe, UpstreamLost)
 }
 
+// The four halves of the two sockets are four of the arguments.
+#[allow(clippy::too_many_arguments)]
 async fn pump<CR, CW, UR, UW>(
     client_read: &mut CR,
     client_write: &mut CW,
@@ -394,6 +419,7 @@ async fn pump<CR, CW, UR, UW>(
     close: CancellationToken,
     class: Arc<Class>,
     request_id: &str,
+    meter: Option<TtsMeter>,
 ) -> std::io::Result<&'static str>
 where
     CR: AsyncRead + Unpin,
@@ -415,6 +441,8 @@ where
         resends: 0,
         probe_resends: 0,
         partial: None,
+        meter,
+        characters: 0,
     };
     let mut client_open = true;
     let mut upstream_closed = false;
@@ -474,6 +502,9 @@ where
                             Upstream::Other => client_write.write_all(&frame.raw).await?,
                             Upstream::Complete => {
                                 client_write.write_all(&frame.raw).await?;
+                                if let Some(meter) = &synthesis.meter {
+                                    meter.complete(synthesis.characters);
+                                }
                                 synthesis.end();
                             }
                             Upstream::Error { over_limit, retry_after } => {
@@ -514,6 +545,16 @@ where
                         Ok(None) => break,
                         Err(()) => return too_big(client_write, upstream_write).await,
                     };
+                    let budget = starts_synthesis(&frame, &synthesis).then(|| synthesis.meter.clone()).flatten();
+                    let refused = match budget {
+                        Some(meter) => meter.refusal(request_id).await,
+                        None => None,
+                    };
+                    if let Some(refusal) = refused {
+                        client_write.write_all(&text_frame(refusal.to_string().as_bytes())).await?;
+                        client_write.flush().await?;
+                        continue;
+                    }
                     from_client_frame(frame, &mut synthesis, upstream_write).await?;
                 }
                 upstream_write.flush().await.map_err(lost)?;
@@ -564,6 +605,9 @@ async fn from_client_frame<W: AsyncWrite + Unpin>(
     let Some((frames, text)) = message else {
         return Ok(());
     };
+    if synthesis.meter.is_some() {
+        synthesis.characters += TtsMeter::characters(&text);
+    }
     if synthesis.admitting.is_some() {
         frames.into_iter().for_each(|f| synthesis.hold(f));
     } else if synthesis.slot.is_none() && carries_text(&text) {
@@ -576,6 +620,18 @@ async fn from_client_frame<W: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Whether a whole text frame would start a synthesis on a metered socket: with the app's
+/// budget spent, it is answered with an error frame instead of being sent (the socket stays
+/// open).
+fn starts_synthesis(frame: &Frame, synthesis: &Synthesis) -> bool {
+    synthesis.meter.is_some()
+        && frame.head.opcode == OP_TEXT
+        && frame.head.fin
+        && synthesis.slot.is_none()
+        && synthesis.admitting.is_none()
+        && carries_text(&frame.payload())
 }
 
 /// An over-limit error frame answered the running synthesis: lower the learned limit, and

@@ -48,6 +48,8 @@ pub fn restore_upgrade_headers(headers: &mut http::HeaderMap) {
 
 /// Answer the client's handshake with the upstream's 101 and join the two connections once
 /// both sides have switched. The copy task ends when either side closes.
+// Each is a different part the tunnel task takes over; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn open_tunnel(
     client: OnUpgrade,
     mut upstream_response: Response<UpstreamBody>,
@@ -56,6 +58,7 @@ pub fn open_tunnel(
     idle_timeout: Duration,
     tunnels: &Tunnels,
     count_syntheses: Option<Arc<Class>>,
+    meter: Option<super::ws_meter::SocketMeter>,
 ) -> Response<ProxyBody> {
     // The handshake went out without permessage-deflate; an upstream that negotiates it
     // anyway sends compressed frames, which only the byte tunnel can carry.
@@ -85,12 +88,33 @@ pub fn open_tunnel(
             (Ok(client), Ok(upstream)) => {
                 let activity = Activity::new();
                 let client = ActivityIo::new(TokioIo::new(client), activity.clone());
+                // Usage: characters per synthesis on a live-TTS socket; audio bytes (or seconds
+                // open) on a realtime STT socket, counted when it closes.
+                let tts_meter = match &meter {
+                    Some(super::ws_meter::SocketMeter::LiveTts(m)) => Some(m.clone()),
+                    _ => None,
+                };
+                let stt_meter = meter.filter(|m| matches!(m, super::ws_meter::SocketMeter::Stt { .. }));
+                let opened = std::time::Instant::now();
+                let binary_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
                 let ran = async {
-                    match count_syntheses {
-                        Some(class) => {
-                            super::synthesis::run(client, TokioIo::new(upstream), close, class, request_id.clone()).await
+                    match (count_syntheses, &stt_meter) {
+                        (Some(class), _) => {
+                            super::synthesis::run_metered(
+                                client,
+                                TokioIo::new(upstream),
+                                close,
+                                class,
+                                request_id.clone(),
+                                tts_meter,
+                            )
+                            .await
                         }
-                        None => tunnel::run(client, TokioIo::new(upstream), close).await,
+                        (None, Some(_)) => {
+                            let client = super::ws_meter::CountingIo::new(client, binary_bytes.clone());
+                            tunnel::run(client, TokioIo::new(upstream), close).await
+                        }
+                        (None, None) => tunnel::run(client, TokioIo::new(upstream), close).await,
                     }
                 };
                 tokio::select! {
@@ -101,6 +125,10 @@ pub fn open_tunnel(
                     _ = until_idle(&activity, idle_timeout) => {
                         tracing::debug!(request_id, idle = %humantime::format_duration(idle_timeout), "websocket tunnel idle; closed");
                     }
+                }
+                if let Some(meter) = &stt_meter {
+                    let bytes = binary_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                    super::ws_meter::stt_closed(meter, bytes, opened.elapsed());
                 }
             }
             (Err(e), _) | (_, Err(e)) => tracing::debug!(request_id, error = %e, "websocket upgrade did not complete"),

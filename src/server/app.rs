@@ -12,9 +12,10 @@ use http::{Request, Response, StatusCode};
 use std::sync::Arc;
 
 use super::admin;
+use super::apps::{AppIdentity, Identified};
 use super::caller::{CallerControl, ConnInfo};
 use super::framing;
-use super::guard::{self, Guard, Transport};
+use super::guard::{self, Guard};
 use super::policy::PathPolicy;
 use super::request_limits::RequestLimits;
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub struct Checks {
     pub callers: CallerControl,
     pub limits: RequestLimits,
     pub paths: PathPolicy,
+    /// `[[app]]`: which app a request is.
+    pub apps: AppIdentity,
 }
 
 impl Checks {
@@ -60,14 +63,16 @@ impl Checks {
             callers: CallerControl::from_config(&config.listen).map_err(|e| format!("listen.token_file: {e}"))?,
             limits: RequestLimits::from_config(&config.listen),
             paths: PathPolicy::from_config(&config.policy),
+            apps: AppIdentity::from_config(config)?,
         })
     }
 
     /// In order: what is refused outright (guard, body framing), then the target in origin
     /// form, sizes, the local token (removed from the request once it matched), then the method
-    /// and path.
-    fn check(&self, req: &mut Request<ClientBody>, transport: Transport) -> Result<(), ProxyError> {
-        self.guard.check(req, transport)?;
+    /// and path. Returns the app the request belongs to: an app's own token (`[[app]]`) admits
+    /// in place of `listen.token_file`'s anonymous one.
+    fn check(&self, req: &mut Request<ClientBody>, conn: &ConnInfo) -> Result<std::sync::Arc<str>, ProxyError> {
+        self.guard.check(req, conn.transport)?;
         // A whole body comes from the plain path, which hands every head with
         // Transfer-Encoding or Upgrade to hyper: only a streamed request can break these rules.
         if let ClientBody::Streaming(_) = req.body() {
@@ -75,8 +80,15 @@ impl Checks {
         }
         guard::to_origin_form(req.uri_mut())?;
         self.limits.check(req)?;
-        self.callers.take_token(req.headers_mut())?;
-        self.paths.check(req.method(), req.uri().path())
+        let app = match self.apps.identify(req.headers_mut(), conn, self.callers.has_token())? {
+            Identified::ByToken(app) => app,
+            Identified::Other(app) => {
+                self.callers.take_token(req.headers_mut())?;
+                app
+            }
+        };
+        self.paths.check(req.method(), req.uri().path())?;
+        Ok(app)
     }
 }
 
@@ -85,6 +97,8 @@ pub struct App {
     /// Replaced whole by a reload; each request loads it once and finishes on it.
     pub state: Arc<ArcSwap<RunState>>,
     pub metrics: Arc<Metrics>,
+    /// Usage per app, for `/usage` (on the admin address when set, like `/metrics`).
+    pub usage: Arc<crate::usage::Usage>,
     /// `[admin] address` is set: `/metrics` is served there, not on the main listeners.
     pub metrics_on_main: bool,
 }
@@ -103,6 +117,15 @@ impl App {
                 .into_parts();
             let status = parts.status;
             return Response::from_parts(parts, ObservedBody::new(body, status, None));
+        }
+        if req.uri().path() == super::usage::USAGE_PATH {
+            let response = if self.metrics_on_main {
+                super::usage::respond(&req, &self.usage)
+            } else {
+                super::usage::elsewhere()
+            };
+            let (parts, body) = response.into_parts();
+            return Response::from_parts(parts, ObservedBody::new(body, StatusCode::OK, None));
         }
         if admin::is_admin_request(&req) {
             let response = if req.uri().path() == admin::METRICS_PATH && !self.metrics_on_main {
@@ -130,16 +153,19 @@ impl App {
         ));
         let request_id = proxy::request_id(&req);
         exchange.set_request_id(&request_id);
-        let response = match state.checks.check(&mut req, conn.transport) {
-            Ok(()) => match route {
-                Some(route) => {
-                    state
-                        .routes
-                        .handle(route, &state.proxy, req, &request_id, &exchange)
-                        .await
+        let response = match state.checks.check(&mut req, &conn) {
+            Ok(app) => {
+                exchange.set_app(app);
+                match route {
+                    Some(route) => {
+                        state
+                            .routes
+                            .handle(route, &state.proxy, req, &request_id, &exchange)
+                            .await
+                    }
+                    None => state.proxy.handle(req, &request_id, &exchange).await,
                 }
-                None => state.proxy.handle(req, &request_id, &exchange).await,
-            },
+            }
             Err(err) => {
                 tracing::debug!(request_id = %request_id, code = err.status_and_code().1, "answered locally");
                 err.into_response(&request_id)
@@ -152,6 +178,9 @@ impl App {
 
     /// `/health`, `/ready` and `/metrics` on the `[admin] address`.
     pub fn handle_admin<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
+        if req.uri().path() == super::usage::USAGE_PATH {
+            return super::usage::respond(req, &self.usage);
+        }
         if !admin::is_admin_request(req) {
             return admin::not_found();
         }

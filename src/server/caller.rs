@@ -81,6 +81,11 @@ impl CallerControl {
         })
     }
 
+    /// Whether `listen.token_file` is set (an anonymous token admits requests).
+    pub fn has_token(&self) -> bool {
+        self.token_digest.is_some()
+    }
+
     /// Whether the connection's peer may use the proxy at all. `allowed_uids` applies to Unix
     /// socket peers; config validation refuses it together with a TCP listener.
     pub fn check_peer(&self, conn: Option<&ConnInfo>) -> Result<(), ProxyError> {

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod apps;
 pub mod caller;
 pub mod framing;
 mod front;
@@ -24,6 +25,7 @@ pub mod guard;
 pub mod policy;
 pub mod request_limits;
 pub mod systemd;
+pub mod usage;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
