@@ -336,12 +336,19 @@ async fn requests_reach_the_route_their_prefix_names_with_that_routes_key_and_sc
     assert!(!ready.to_string().contains(LICENSE_KEY) && !ready.to_string().contains(TEST_KEY));
     // The route's requests are counted under its own class, named after it.
     let base = s.proxy.url("");
-    let route_class = format!("smallest_proxy_requests_total{{class=\"{ROUTE}\",status=\"200\"}}");
+    let route_class = format!("smallest_proxy_requests_total{{class=\"{ROUTE}\",app=\"default\",status=\"200\"}}");
     wait_metric(&base, &route_class, |v| v == 2.0).await;
     wait_metric(
         &base,
-        "smallest_proxy_requests_total{class=\"default\",status=\"200\"}",
-        |v| v == 3.0,
+        "smallest_proxy_requests_total{class=\"default\",app=\"default\",status=\"200\"}",
+        |v| v == 2.0,
+    )
+    .await;
+    // The deprecated TTS path is the default route's, in the built-in profile's `tts` class.
+    wait_metric(
+        &base,
+        "smallest_proxy_requests_total{class=\"tts\",app=\"default\",status=\"200\"}",
+        |v| v == 1.0,
     )
     .await;
     s.proxy.stop().await;

@@ -391,6 +391,8 @@ file = "/run/secrets/license-key"
         let example = include_str!("../../proxy.toml.example");
         let block: String = example[example.find("# [[route]]").expect("a [[route]] example")..]
             .lines()
+            // The block ends at the first blank line; the sections after it are other examples.
+            .take_while(|line| !line.trim().is_empty())
             // Its ca_file names a file this machine does not have.
             .filter(|line| !line.starts_with("# ca_file"))
             .map(|line| format!("{}\n", line.strip_prefix("# ").unwrap_or(line)))
