@@ -169,7 +169,8 @@ pub async fn serve(listener: TcpListener, respond: AdminResponder, shutdown: Can
 /// Scrapers and probes send their head at once; a slow one is not worth a connection.
 const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+/// A JSON answer that no cache keeps (the admin endpoints' and `/usage`'s).
+pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
