@@ -638,3 +638,33 @@ async fn idle_pooled_upstream_connections_expire_after_pool_idle_timeout() {
         proxy.stop().await;
     }
 }
+
+/// With no policy at all, a path that an upstream would normalise into the `tts` class (or a
+/// metered path) is refused, so it cannot slip past the class's limit or an app's budget; a
+/// dot segment that stays in its class is forwarded as before.
+#[tokio::test]
+async fn a_dot_segment_detour_into_a_limited_or_metered_path_is_refused() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    for target in [
+        "/x/../waves/v1/tts",
+        "/waves/v1/x/%2e%2e/tts",
+        "//waves/v1/lightning-v2/get_speech",
+        "/v1/../waves/v1/pulse/get_text",
+    ] {
+        let head =
+            format!("POST {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}");
+        let response = raw_exchange(proxy.addr, head.as_bytes()).await;
+        assert_eq!(status_of(&response), 403, "{target}: {response}");
+        assert!(response.contains("FORBIDDEN_PATH"), "{response}");
+    }
+    assert!(upstream.records().is_empty(), "nothing was forwarded");
+    let response = raw_exchange(
+        proxy.addr,
+        b"POST /a/b/../c HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    assert_eq!(upstream.records()[0].uri.path(), "/a/b/../c");
+    proxy.stop().await;
+}

@@ -12,6 +12,7 @@
 pub mod body;
 pub mod exchange;
 pub mod meter;
+pub mod path;
 pub mod refusal;
 pub mod resend;
 pub mod rewrite;
@@ -153,6 +154,18 @@ impl Proxy {
         }
         // An app past its daily budget starts no more work (a WebSocket handshake included).
         let metered = meter::meter_for(parts.uri.path());
+        // A path an upstream would normalise into another class or meter (`/x/../waves/v1/tts`)
+        // would slip past that class's limit and the app's budget: refused, not guessed at.
+        if !path::is_canonical(parts.uri.path()) {
+            let plain = path::normalise(parts.uri.path());
+            if !Arc::ptr_eq(self.limiter.class_for(&plain), &class) || meter::meter_for(&plain) != metered {
+                return Err(ProxyError::ForbiddenPath(format!(
+                    "{:?} is not in canonical form and names {plain:?}, which is limited or metered differently; send the plain path",
+                    parts.uri.path()
+                ))
+                .into());
+            }
+        }
         if let (Some(usage), Some(kind)) = (&self.usage, metered) {
             usage.check(exchange.app(), kind).await.map_err(ProxyError::from)?;
         }

@@ -27,6 +27,7 @@ use http::Method;
 
 use crate::config::{PolicyConfig, PolicyPreset, Rule};
 use crate::error::ProxyError;
+use crate::proxy::path::is_canonical;
 
 /// The preset's rules (Python SDK 5.x routes, then the Node SDK's legacy ones).
 const SMALLEST_ALLOW: &[&str] = &[
@@ -166,22 +167,6 @@ impl Rule {
             None => format!("\"{}\"", self.path),
         }
     }
-}
-
-/// No `.`/`..`/empty segments, no backslash, no percent-encoded `/`, `\` or `.`.
-fn is_canonical(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains('\\') || lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") {
-        return false;
-    }
-    let mut segments = path.split('/').skip(1).peekable();
-    while let Some(segment) = segments.next() {
-        let last = segments.peek().is_none();
-        if segment == "." || segment == ".." || (segment.is_empty() && !last) {
-            return false;
-        }
-    }
-    true
 }
 
 #[cfg(test)]
