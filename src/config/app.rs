@@ -58,15 +58,6 @@ impl Default for UsageConfig {
     }
 }
 
-/// A name usable as a metric label and a Redis key part.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
 /// Checks serde cannot express, over all apps.
 pub(crate) fn validate_apps(apps: &[AppConfig]) -> Result<(), Invalid> {
     let mut names = HashSet::new();
@@ -74,7 +65,7 @@ pub(crate) fn validate_apps(apps: &[AppConfig]) -> Result<(), Invalid> {
     let mut tokens = HashSet::new();
     for (i, app) in apps.iter().enumerate() {
         let key = |field: &str| format!("app[{i}].{field}");
-        if !valid_name(&app.name) {
+        if !super::is_valid_name(&app.name) {
             return invalid(
                 &key("name"),
                 format!(

@@ -207,6 +207,16 @@ pub fn host_is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// A name an operator gives a route or an app: 1 to 64 letters, digits, `-`, `_` or `.`, so it
+/// is safe as a metrics label, a Redis key part and a log field.
+pub(crate) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// Position (1-based line, column) of a dotted key in the TOML source, for error messages.
 fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;

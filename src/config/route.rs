@@ -113,13 +113,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     let mut class_names: Vec<&str> = config.limits.class.iter().map(|c| c.name.as_str()).collect();
     for (i, route) in routes.iter().enumerate() {
         let at = |field: &str| format!("route[{i}].{field}");
-        let name_ok = !route.name.is_empty()
-            && route.name.len() <= 64
-            && route
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !name_ok {
+        if !super::is_valid_name(&route.name) {
             return invalid(
                 &at("name"),
                 format!(
