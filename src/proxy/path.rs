@@ -5,8 +5,15 @@
 
 /// No `.`/`..`/empty segments, no backslash, no percent-encoded `/`, `\` or `.`.
 pub fn is_canonical(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains('\\') || lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") {
+    // Checked on every request: bytes compared in place, no lower-cased copy.
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return false;
+    }
+    let encoded_separator = bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'f' | b'e') | (b'5', b'c')));
+    if encoded_separator {
         return false;
     }
     let mut segments = path.split('/').skip(1).peekable();
