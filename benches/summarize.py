@@ -2,7 +2,8 @@
 """Turn one benches/run.sh JSON-lines file into the Markdown table of benches/RESULTS.md.
 
 Each figure is the median over the A/B pairs with the min-max beside it; the ratio is
-smallest-proxy's median over nginx's; the target column is issue 7's.
+smallest-proxy's median over nginx's; the target column is the
+project's performance target (at or below nginx, SSE and idle-memory bounds).
 """
 import argparse
 import json
@@ -68,7 +69,7 @@ LINES = [
     ("rate5000", "p99_ms", "5000 req/s: p99 ms", None, None),
     ("rate5000", "rps", "5000 req/s: achieved req/s", None, None),
     ("saturated", "cpu_us", "saturated (32 conns): CPU µs per request", "le_nginx", None),
-    # Reported, not a target (the issue sets none): saturated, the load generator and the
+    # Reported, not a target: saturated, the load generator and the
     # upstream share CPU 0, so the rate measures that CPU as much as the proxy.
     ("saturated", "rps", "saturated (32 conns): req/s", None, None),
     ("saturated", "p50_ms", "saturated (32 conns): p50 ms", "le_nginx", None),
