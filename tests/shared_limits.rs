@@ -231,12 +231,14 @@ async fn requests_queued_when_redis_stops_keep_their_places() {
         clients.push(send(id));
         wait_metric(&base, depth, |d| d == (i + 1) as f64).await;
     }
-    // Redis hangs (every call now takes the whole `timeout`).
+    // Redis hangs (every call now takes the whole `timeout`). The holder's slot still counts
+    // on this replica, so nobody is let through beside it.
     unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
-    // The head of the queue gives up on Redis first and takes the free local slot.
-    upstream.state.wait_arrivals(2).await;
     clients.push(send("d"));
-    wait_metric(&base, depth, |d| d == 3.0).await;
+    wait_metric(&base, depth, |d| d == 4.0).await;
+    assert_eq!(upstream.records().len(), 1, "a request went out beside the holder");
+    // Released, each goes out in its turn, giving up on Redis (the head first) and taking the
+    // local slot.
     upstream.state.hold.0.add_permits(5);
     for client in clients {
         assert_eq!(client.await.unwrap(), 200);
@@ -251,5 +253,52 @@ async fn requests_queued_when_redis_stops_keep_their_places() {
         ["holder", "a", "b", "c", "d"],
         "a newer arrival overtook the queue"
     );
+    assert_eq!(upstream.state.max_in_flight.load(Ordering::SeqCst), 1);
     unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+}
+
+/// A limit of one holds across a switch between shared and local limits, both ways: a slot
+/// taken under one mode is counted by the other, so the upstream never sees two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_taken_in_one_mode_counts_in_the_other() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = replica_config(&upstream, &key_file(&dir), &redis, "queue_timeout = \"20s\"");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    let base = proxy.url("");
+    let depth = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
+    let send = |id: &str| {
+        let url = proxy.url(&format!("/hang?id={id}"));
+        tokio::spawn(async move { get(&url).await.0 })
+    };
+
+    // Shared, then local: a slot from Redis, then Redis goes away.
+    let shared_holder = send("shared-holder");
+    upstream.state.wait_arrivals(1).await;
+    redis.stop();
+    let local_waiter = send("local-waiter");
+    tokio::select! {
+        _ = wait_metric(&base, depth, |d| d == 1.0) => {}
+        _ = upstream.state.wait_arrivals(2) => panic!("with Redis gone, a request went out beside one holding a shared slot"),
+    }
+    upstream.state.hold.0.add_permits(1);
+    assert_eq!(shared_holder.await.unwrap(), 200);
+    upstream.state.wait_arrivals(2).await;
+    proxy.wait_for_log("redis unavailable", 1, Duration::from_secs(10));
+
+    // Local, then shared: the waiter now holds a local slot when Redis comes back.
+    let _redis = Redis::start_on(port);
+    proxy.wait_for_log("shared limits in effect", 2, Duration::from_secs(15));
+    let shared_waiter = send("shared-waiter");
+    tokio::select! {
+        _ = wait_metric(&base, depth, |d| d == 1.0) => {}
+        _ = upstream.state.wait_arrivals(3) => panic!("with Redis back, a request went out beside one holding a local slot"),
+    }
+    upstream.state.hold.0.add_permits(2);
+    assert_eq!(local_waiter.await.unwrap(), 200);
+    assert_eq!(shared_waiter.await.unwrap(), 200);
+    assert_eq!(upstream.state.max_in_flight.load(Ordering::SeqCst), 1);
 }

@@ -568,9 +568,17 @@ impl Class {
                 }
             };
             if let Some(store) = self.shared.as_ref().filter(|s| s.is_up()) {
-                if let Some((lease, level)) = self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
-                    slot = Slot::Shared(lease);
-                    shared_level = level;
+                // A shared slot holds a local one too, so this replica's own count is right
+                // whichever mode the next request is admitted in: a switch to local limits
+                // (Redis gone) counts the shared slots still held, and a switch back to Redis
+                // cannot let a request out beside one still holding a local slot.
+                let local = self.local_slot(kind, deadline, &mut queued).await?;
+                match self.shared_slot(store, kind, limit, deadline, &mut queued).await? {
+                    Some((lease, level)) => {
+                        slot = Slot::Shared(lease, local);
+                        shared_level = level;
+                    }
+                    None => slot = Slot::Local(local),
                 }
             }
             if matches!(slot, Slot::Unlimited) {
@@ -591,7 +599,7 @@ impl Class {
             }
         };
         let learned = match (&self.learning, kind, &slot) {
-            (Some(learning), Kind::Request, Slot::Local(_) | Slot::Shared(_)) => learning.admitted(level),
+            (Some(learning), Kind::Request, Slot::Local(_) | Slot::Shared(..)) => learning.admitted(level),
             _ => auto::Admitted::default(),
         };
         Ok(Permit {
@@ -814,7 +822,8 @@ impl Drop for Queued<'_> {
 enum Slot {
     Unlimited,
     Local(OwnedSemaphorePermit),
-    Shared(SharedLease),
+    /// A lease in Redis, and the local permit that counts it on this replica.
+    Shared(SharedLease, OwnedSemaphorePermit),
 }
 
 /// Admission to a class, held for the life of the response body or WebSocket tunnel.
@@ -867,15 +876,18 @@ impl Drop for Permit {
                 self.class.metrics.websockets.dec();
             }
         };
-        match std::mem::replace(&mut self.slot, Slot::Unlimited) {
-            Slot::Shared(lease) => {
+        let local = match std::mem::replace(&mut self.slot, Slot::Unlimited) {
+            Slot::Shared(lease, local) => {
                 drop(lease);
                 self.class.shared_freed.notify_one();
+                local
             }
-            // After the limit fell, a returning request permit is forgotten, not released.
-            Slot::Local(permit) if self.kind == Kind::Request && self.class.take_debt() => permit.forget(),
-            Slot::Local(permit) => drop(permit),
-            Slot::Unlimited => {}
+            Slot::Local(local) => local,
+            Slot::Unlimited => return,
+        };
+        // After the limit fell, a returning request permit is forgotten, not released.
+        if self.kind == Kind::Request && self.class.take_debt() {
+            local.forget();
         }
     }
 }
