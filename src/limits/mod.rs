@@ -89,6 +89,9 @@ pub struct Limiter {
     prefixes: Vec<(PathPattern, Arc<Class>)>,
     /// Some path has a `*` segment: split the request path into segments once per lookup.
     segmented: bool,
+    /// What every class path starts with (up to its first `*`): a request path that does not
+    /// is in the default class without looking at each pattern.
+    common_prefix: String,
     default: Arc<Class>,
     classes: Vec<Arc<Class>>,
 }
@@ -125,15 +128,20 @@ impl Limiter {
         }
         prefixes.sort_by_key(|(pattern, class)| (class.limits.from_profile, std::cmp::Reverse(pattern.len())));
         let segmented = prefixes.iter().any(|(p, _)| matches!(p, PathPattern::Segments { .. }));
+        let common_prefix = common_prefix(prefixes.iter().map(|(pattern, _)| pattern.literal_start()));
         Limiter {
             prefixes,
             segmented,
+            common_prefix,
             default,
             classes,
         }
     }
 
     pub fn class_for(&self, path: &str) -> &Arc<Class> {
+        if !path.starts_with(self.common_prefix.as_str()) {
+            return &self.default;
+        }
         // The path's first segments, split once for every `*` pattern (no allocation).
         let mut segments = [""; PathPattern::MAX_SEGMENTS];
         let mut count = 0;
@@ -175,6 +183,23 @@ impl Limiter {
     }
 }
 
+/// The longest start all of `texts` share (empty for no texts).
+fn common_prefix<'a>(mut texts: impl Iterator<Item = &'a str>) -> String {
+    let Some(first) = texts.next() else {
+        return String::new();
+    };
+    let mut shared = first.len();
+    for text in texts {
+        shared = first
+            .bytes()
+            .zip(text.bytes())
+            .take(shared)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    first[..shared].to_string()
+}
+
 /// A class path, parsed once (see [`path_matches`] for what it matches).
 enum PathPattern {
     Prefix(String),
@@ -197,6 +222,18 @@ impl PathPattern {
             }
         } else {
             PathPattern::Prefix(pattern.to_string())
+        }
+    }
+
+    /// A start every path it matches has: the pattern up to its first `*`, without the `/`
+    /// before it (`/a/**` matches `/a` itself).
+    fn literal_start(&self) -> &str {
+        match self {
+            PathPattern::Prefix(p) => p,
+            PathPattern::Segments { text, .. } => {
+                let literal = &text[..text.find('*').unwrap_or(text.len())];
+                literal.strip_suffix('/').unwrap_or(literal)
+            }
         }
     }
 
@@ -241,7 +278,7 @@ impl PathPattern {
 /// matches any one segment, a last `**` anything below, and a last plain segment any segment
 /// starting with it (`/waves/v1/lightning` covers `/waves/v1/lightning-v2/get_speech`).
 pub fn path_matches(pattern: &str, path: &str) -> bool {
-    if !pattern.contains('*') {
+    if !pattern.as_bytes().contains(&b'*') {
         return path.starts_with(pattern);
     }
     let mut path_segments = path.split('/');
@@ -1015,8 +1052,35 @@ mod tests {
                     path_matches(pattern, path),
                     "{pattern} {path}"
                 );
+                // The start class_for looks at first never turns a match away.
+                if path_matches(pattern, path) {
+                    assert!(path.starts_with(parsed.literal_start()), "{pattern} {path}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn paths_outside_every_class_start_go_to_the_default_class_and_the_rest_are_matched() {
+        let classes = limiter(
+            "[[limits.class]]\nname = \"deep\"\npaths = [\"/x/y/**\"]\nmax_concurrent = 1\n[[limits.class]]\nname = \"wide\"\npaths = [\"/x/*/z\"]\nmax_concurrent = 1\n[limits]\nprofile = \"none\"\n",
+        );
+        assert_eq!(classes.common_prefix, "/x");
+        for (path, class) in [
+            ("/x/y", "deep"),
+            ("/x/y/a/b", "deep"),
+            ("/x/q/z", "wide"),
+            ("/x", "default"),
+            ("/", "default"),
+            ("/y/x/y", "default"),
+            ("*", "default"),
+        ] {
+            assert_eq!(classes.class_for(path).name(), class, "{path}");
+        }
+        let profile = limiter("");
+        assert_eq!(profile.common_prefix, "/waves/v1");
+        assert_eq!(profile.class_for("/waves/v1/streaming-tts").name(), "tts");
+        assert_eq!(profile.class_for("/waves/v2/tts").name(), "default");
     }
 
     #[test]

@@ -32,13 +32,18 @@ const MAX_STREAMED_TTS_BODY: usize = 1 << 20;
 /// An SSE line longer than this is skipped.
 const MAX_SSE_LINE: usize = 1 << 20;
 
+/// Where every speech path (`STT_PATHS`, `SMALLEST_TTS_PATHS`) starts.
+const SPEECH_ROOT: &str = "/waves/v1/";
+
 /// What a path's work is counted in.
 pub fn meter_for(path: &str) -> Option<Meter> {
-    if STT_PATHS.iter().any(|p| path_matches(p, path)) {
-        return Some(Meter::SttSeconds);
-    }
-    if SMALLEST_TTS_PATHS.iter().any(|p| path_matches(p, path)) {
-        return Some(Meter::TtsCharacters);
+    if path.starts_with(SPEECH_ROOT) {
+        if STT_PATHS.iter().any(|p| path_matches(p, path)) {
+            return Some(Meter::SttSeconds);
+        }
+        if SMALLEST_TTS_PATHS.iter().any(|p| path_matches(p, path)) {
+            return Some(Meter::TtsCharacters);
+        }
     }
     let trimmed = path.trim_end_matches('/');
     if trimmed.ends_with("/chat/completions") || trimmed.ends_with("/completions") {
@@ -338,6 +343,11 @@ mod tests {
         assert_eq!(meter_for("/waves/v1/pulse/get_text"), Some(Meter::SttSeconds));
         assert_eq!(meter_for("/waves/v1/chat/completions"), Some(Meter::LlmTokens));
         assert_eq!(meter_for("/waves/v1/voice-cloning"), None);
+        assert_eq!(meter_for("/"), None);
+        // meter_for looks at the speech paths only under their common root.
+        for pattern in STT_PATHS.iter().chain(SMALLEST_TTS_PATHS) {
+            assert!(pattern.starts_with(SPEECH_ROOT), "{pattern}");
+        }
     }
 
     #[test]

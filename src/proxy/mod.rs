@@ -153,10 +153,14 @@ impl Proxy {
             headers.insert(REQUEST_ID_HEADER, id);
         }
         // An app past its daily budget starts no more work (a WebSocket handshake included).
-        let metered = meter::meter_for(parts.uri.path());
+        let canonical = path::is_canonical(parts.uri.path());
+        // What the path is metered in matters only to a budget and to the rule below.
+        let metered = (self.usage.is_some() || !canonical)
+            .then(|| meter::meter_for(parts.uri.path()))
+            .flatten();
         // A path an upstream would normalise into another class or meter (`/x/../waves/v1/tts`)
         // would slip past that class's limit and the app's budget: refused, not guessed at.
-        if !path::is_canonical(parts.uri.path()) {
+        if !canonical {
             let plain = path::normalise(parts.uri.path());
             if !Arc::ptr_eq(self.limiter.class_for(&plain), &class) || meter::meter_for(&plain) != metered {
                 return Err(ProxyError::ForbiddenPath(format!(
