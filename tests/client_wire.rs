@@ -464,12 +464,25 @@ fn odd_framing(line: &str) -> Vec<u8> {
             b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\ncontent-length: 9\r\netag: \"e\"\r\n\r\n".to_vec()
         }
         "/empty-dup" => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        // A 403 is read when small (to spot a licence refusal) and passed on unread when not.
+        "/forbidden-dup" => b"HTTP/1.1 403 Forbidden\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nnope!".to_vec(),
+        "/forbidden-big" => {
+            let mut out = format!("HTTP/1.1 403 Forbidden\r\ncontent-length: {BIG}\r\ncontent-length: {BIG}\r\n\r\n")
+                .into_bytes();
+            out.resize(out.len() + BIG, b'x');
+            out
+        }
         _ => ok("ok"),
     }
 }
 
+/// A 403 body too big to be read for a licence code (over 16 KiB).
+const BIG: usize = 20_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_reach_the_client_with_one_content_length_and_none_on_204() {
+    let big = "x".repeat(BIG);
+    let big_length = BIG.to_string();
     let upstream = RawUpstream::start(Arc::new(|head: &str| odd_framing(head.lines().next().unwrap_or("")))).await;
     let proxy = upstream.proxy("").await;
     for path in ["plain", "hyper"] {
@@ -486,6 +499,8 @@ async fn responses_reach_the_client_with_one_content_length_and_none_on_204() {
             ("GET", "/no-content-dup", 204, vec![], ""),
             ("GET", "/not-modified", 304, vec!["9"], ""),
             ("GET", "/empty-dup", 200, vec!["0"], ""),
+            ("GET", "/forbidden-dup", 403, vec!["5"], "nope!"),
+            ("GET", "/forbidden-big", 403, vec![&*big_length], &*big),
             ("GET", "/plain", 200, vec!["2"], "ok"),
         ] {
             conn.send(format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
@@ -504,6 +519,39 @@ async fn responses_reach_the_client_with_one_content_length_and_none_on_204() {
             assert_eq!(response.body, body.as_bytes(), "{what}");
         }
     }
+    proxy.stop().await;
+}
+
+/// A 403 passed on unread holds its limit slot until its body ends, as any response does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_passed_on_unread_holds_its_limit_slot_until_its_body_ends() {
+    // The head and the first 10 bytes of a 20 000-byte body; the rest never comes.
+    let upstream = RawUpstream::start(Arc::new(|_: &str| {
+        format!("HTTP/1.1 403 Forbidden\r\ncontent-length: {BIG}\r\n\r\n0123456789").into_bytes()
+    }))
+    .await;
+    let proxy = upstream
+        .proxy("[[limits.class]]\nname = \"one\"\npaths = [\"/one\"]\nmax_concurrent = 1\n")
+        .await;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    client
+        .write_all(b"GET /one HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    while !got.ends_with(b"0123456789") {
+        assert!(read_more(&mut client, &mut got).await, "closed early: {got:?}");
+    }
+    assert!(got.starts_with(b"HTTP/1.1 403"), "{:?}", String::from_utf8_lossy(&got));
+    let base = format!("http://{}", proxy.addr);
+    let in_flight = "smallest_proxy_limit_in_flight{class=\"one\"}";
+    assert_eq!(
+        metric(&base, in_flight).await,
+        1.0,
+        "the slot was freed while the 403 body streams"
+    );
+    drop(client);
+    wait_metric(&base, in_flight, |n| n == 0.0).await;
     proxy.stop().await;
 }
 

@@ -358,7 +358,8 @@ impl Proxy {
         } else if status == StatusCode::FORBIDDEN {
             self.keys.count_auth_failure(403);
             self.count_app_auth_failure(exchange, 403);
-            return Ok(refusal::inspect(response, &self.keys, &key, self.bounds.stream_idle_timeout).await);
+            let idle = self.bounds.stream_idle_timeout;
+            return Ok(refusal::inspect(response, &self.keys, &key, idle, permit).await?);
         }
 
         if let Some(client_upgrade) = client_upgrade {

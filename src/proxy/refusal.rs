@@ -2,7 +2,8 @@
 //! expired (`{"code": "LICENSE_EXPIRED", "expires_at": ...}`) or its quota is spent cannot
 //! serve anyone, so the key store records it (WARN, `/ready`). The body is small JSON, so it
 //! is read whole (at most [`MAX_INSPECTED_BODY`] bytes, within the stream idle timeout) and
-//! handed to the client unchanged; a bigger or slower one passes through unread.
+//! handed to the client unchanged; a bigger or slower one passes through unread, holding its
+//! limit slot until it ends like any other response body.
 
 use bytes::Bytes;
 use http::{header, Response};
@@ -11,7 +12,9 @@ use std::time::Duration;
 
 use super::body::ProxyBody;
 use super::rewrite;
+use crate::error::ProxyError;
 use crate::keys::{ApiKey, KeyStore, Refusal};
+use crate::limits::Permit;
 use crate::timeouts::IdleTimer;
 use crate::upstream::body::UpstreamBody;
 
@@ -19,15 +22,18 @@ use crate::upstream::body::UpstreamBody;
 pub const MAX_INSPECTED_BODY: u64 = 16 * 1024;
 
 /// Read `response` (a 403) when it is small, note a licence or quota refusal of `key`, and
-/// return the response for the client with the same status, headers and body.
+/// return the response for the client with the same status, headers and body, framed as every
+/// response is (one `Content-Length`; differing ones are a 502).
 pub async fn inspect(
     response: Response<UpstreamBody>,
     keys: &KeyStore,
     key: &ApiKey,
     idle: Duration,
-) -> Response<ProxyBody> {
+    permit: Permit,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = response.into_parts();
     rewrite::strip_hop_by_hop(&mut parts.headers);
+    rewrite::normalise_content_length(parts.status, &mut parts.headers)?;
     parts.version = http::Version::HTTP_11;
     let declared = parts
         .headers
@@ -36,7 +42,10 @@ pub async fn inspect(
         .and_then(|v| v.parse::<u64>().ok());
     let readable = declared.is_some_and(|len| len <= MAX_INSPECTED_BODY);
     if !readable {
-        return Response::from_parts(parts, ProxyBody::Limited(body, None, IdleTimer::new(idle)));
+        return Ok(Response::from_parts(
+            parts,
+            ProxyBody::Limited(body, Some(permit), IdleTimer::new(idle)),
+        ));
     }
     let bytes: Bytes = match tokio::time::timeout(idle, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -49,5 +58,7 @@ pub async fn inspect(
     parts
         .headers
         .insert(header::CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
-    Response::from_parts(parts, ProxyBody::full(bytes))
+    // The whole answer is read: the slot is free now.
+    drop(permit);
+    Ok(Response::from_parts(parts, ProxyBody::full(bytes)))
 }
