@@ -10,8 +10,7 @@ use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
@@ -57,24 +56,17 @@ impl SmallestStandIn {
         } else {
             &[b"http/1.1"]
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(alpn)));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let expected = format!("Bearer {accepted_key}");
         let record = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, record, expected) = (acceptor.clone(), record.clone(), expected.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = service_fn(move |req| handle(req, record.clone(), expected.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        super::upstream::serve_tls(
+            listener,
+            pki.server_config(alpn),
+            || (),
+            move |req| handle(req, record.clone(), expected.clone()),
+        );
         SmallestStandIn { addr, pki, seen }
     }
 
@@ -193,12 +185,5 @@ fn live_tts(mut req: Request<Incoming>) -> Response<Body> {
             }
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()).boxed())
-        .expect("response")
+    super::upstream::switching_protocols(key.as_bytes())
 }

@@ -12,8 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,28 +85,18 @@ pub struct StandIn {
 impl StandIn {
     pub async fn start(allow: usize, work_ms: usize) -> StandIn {
         let pki = TestPki::new();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(&[b"http/1.1"])));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
         let account = Arc::new(Account::default());
         account.allow.store(allow, Ordering::SeqCst);
         account.work_ms.store(work_ms, Ordering::SeqCst);
         let serving = account.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, account) = (acceptor.clone(), serving.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = service_fn(move |req| handle(req, account.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        super::upstream::serve_tls(
+            listener,
+            pki.server_config(&[b"http/1.1"]),
+            || (),
+            move |req| handle(req, serving.clone()),
+        );
         StandIn { addr, pki, account }
     }
 
@@ -236,12 +225,5 @@ fn websocket(req: &mut Request<Incoming>, account: Arc<Account>) -> Response<Bod
             });
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()).boxed())
-        .expect("response")
+    super::upstream::switching_protocols(key.as_bytes())
 }

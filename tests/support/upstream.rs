@@ -228,31 +228,20 @@ impl TestUpstream {
         } else {
             &[b"http/1.1"]
         };
-        let tls = pki.server_config(alpn);
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(UpstreamState::default());
-        let accept_state = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                accept_state.connections.fetch_add(1, Ordering::SeqCst);
-                let acceptor = acceptor.clone();
-                let state = accept_state.clone();
-                tokio::spawn(async move {
-                    // Counts the connection as ended however this task finishes.
-                    let _ended = ConnectionEnded(state.clone());
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = service_fn(move |req| handle(req, state.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (counted, served) = (state.clone(), state.clone());
+        serve_tls(
+            listener,
+            pki.server_config(alpn),
+            move || {
+                counted.connections.fetch_add(1, Ordering::SeqCst);
+                // Counts the connection as ended however its task finishes.
+                ConnectionEnded(counted.clone())
+            },
+            move |req| handle(req, served.clone()),
+        );
         TestUpstream { addr, pki, state }
     }
 
@@ -275,7 +264,52 @@ impl TestUpstream {
     }
 }
 
-type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+/// The response body every TLS stand-in in these tests answers with.
+pub type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Serve `handler` over TLS on `listener`, a task per connection: HTTP/1.1 or h2 as ALPN
+/// agrees, upgrades allowed. `guard()` runs as each connection is accepted, and what it returns
+/// is held until that connection's task ends (its TLS handshake failing included).
+pub fn serve_tls<H, F, G>(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    guard: impl Fn() -> G + Send + 'static,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<UpBody>, Infallible>> + Send + 'static,
+    G: Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let held = guard();
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                let _held = held;
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service_fn(handler))
+                    .await;
+            });
+        }
+    });
+}
+
+/// The `101` that accepts a WebSocket handshake carrying `key` (`Sec-WebSocket-Key`).
+pub fn switching_protocols(key: &[u8]) -> Response<UpBody> {
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("response")
+}
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<UpBody> {
     Response::builder()
@@ -557,12 +591,5 @@ fn websocket_echo(req: &mut Request<Incoming>, state: &Arc<UpstreamState>) -> Re
             }
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()).boxed())
-        .expect("response")
+    switching_protocols(key.as_bytes())
 }
