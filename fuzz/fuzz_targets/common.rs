@@ -9,6 +9,14 @@ macro_rules! differential_target {
         fn harness() -> &'static (tokio::runtime::Runtime, $harness) {
             static HARNESS: std::sync::OnceLock<(tokio::runtime::Runtime, $harness)> = std::sync::OnceLock::new();
             HARNESS.get_or_init(|| {
+                // A write to a connection the other side has closed must be an error, as in
+                // any Rust program (whose start-up ignores SIGPIPE), not the end of the process:
+                // libFuzzer's own `main` leaves the signal at its default.
+                // SAFETY: setting a signal's disposition to SIG_IGN, once, before any thread
+                // of the harness exists.
+                unsafe {
+                    libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                }
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
