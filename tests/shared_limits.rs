@@ -207,24 +207,34 @@ async fn a_learned_limit_is_shared_by_the_replicas() {
     assert_eq!(concurrency(&ready), learned, "{}", String::from_utf8_lossy(&ready));
 }
 
+/// The `tts` class's queue depth on `/metrics`.
+const TTS_QUEUE: &str = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
+
+/// One replica with the one shared `tts` slot and a 20 s queue, in shared mode.
+fn queueing_replica(upstream: &TestUpstream, key_file: &std::path::Path, redis: &Redis) -> ProxyProcess {
+    let config = replica_config(upstream, key_file, redis, "queue_timeout = \"20s\"");
+    let proxy = ProxyProcess::spawn(&config, &[]);
+    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
+    proxy
+}
+
+/// `GET /hang?id=ID` in a task of its own (the upstream holds it until released): its status.
+fn send_hang(proxy: &ProxyProcess, id: &str) -> tokio::task::JoinHandle<http::StatusCode> {
+    let url = proxy.url(&format!("/hang?id={id}"));
+    tokio::spawn(async move { get(&url).await.0 })
+}
+
 /// Redis stops answering while requests are queued in shared mode: the class falls back to
-/// local slots, and the queued requests keep their places ahead of newer arrivals (FIFO), where
-/// a newcomer used to take the free local slot at once while the queued ones were still
-/// waiting on Redis.
+/// local slots, the queued requests keep their places ahead of newer arrivals (FIFO), and none
+/// goes out beside the one still holding its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_queued_when_redis_stops_keep_their_places() {
     let redis = Redis::start();
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = replica_config(&upstream, &key_file(&dir), &redis, "queue_timeout = \"20s\"");
-    let proxy = ProxyProcess::spawn(&config, &[]);
-    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
-    let base = proxy.url("");
-    let depth = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
-    let send = |id: &str| {
-        let url = proxy.url(&format!("/hang?id={id}"));
-        tokio::spawn(async move { get(&url).await.0 })
-    };
+    let proxy = queueing_replica(&upstream, &key_file(&dir), &redis);
+    let (base, depth) = (proxy.url(""), TTS_QUEUE);
+    let send = |id: &str| send_hang(&proxy, id);
     let mut clients = vec![send("holder")];
     upstream.state.wait_arrivals(1).await;
     for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
@@ -265,15 +275,9 @@ async fn a_slot_taken_in_one_mode_counts_in_the_other() {
     let port = redis.port;
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = replica_config(&upstream, &key_file(&dir), &redis, "queue_timeout = \"20s\"");
-    let proxy = ProxyProcess::spawn(&config, &[]);
-    proxy.wait_for_log("shared limits in effect", 1, Duration::from_secs(10));
-    let base = proxy.url("");
-    let depth = "smallest_proxy_limit_queue_depth{class=\"tts\"}";
-    let send = |id: &str| {
-        let url = proxy.url(&format!("/hang?id={id}"));
-        tokio::spawn(async move { get(&url).await.0 })
-    };
+    let proxy = queueing_replica(&upstream, &key_file(&dir), &redis);
+    let (base, depth) = (proxy.url(""), TTS_QUEUE);
+    let send = |id: &str| send_hang(&proxy, id);
 
     // Shared, then local: a slot from Redis, then Redis goes away.
     let shared_holder = send("shared-holder");
