@@ -1,13 +1,5 @@
 #!/usr/bin/env bash
 # Builds the release proxy, then runs benches/soak.py with the given arguments (see its docstring).
-# Needs Python with httpx (scripts/test-requirements.txt) and redis-server.
-#   BENCH_FAST_BUILD=1  release build without fat LTO and with 16 codegen units (minutes instead
-#                       of a long LTO link; the shipped binary is LTO-built, so at most faster)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-fast=()
-if [ "${BENCH_FAST_BUILD:-0}" = 1 ]; then
-  fast=(--config profile.release.lto=false --config profile.release.codegen-units=16)
-fi
-cargo build --release "${fast[@]}" --bin smallest-proxy >&2
-exec python3 benches/soak.py "$@"
+# Needs Python with httpx (scripts/test-requirements.txt) and redis-server. BENCH_FAST_BUILD=1:
+# a faster, non-LTO release build (see release_then.sh).
+exec "$(dirname "$0")/release_then.sh" soak.py "$@"
