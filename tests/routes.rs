@@ -231,13 +231,19 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
+/// The self-host's license key in `dir`, as a mounted secret would hold it.
+fn license_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let path = dir.path().join("license-key");
+    std::fs::write(&path, format!("{LICENSE_KEY}\n")).expect("license file");
+    path
+}
+
 async fn setup(route_extra: &str) -> Setup {
     let cloud = TestUpstream::start().await;
     *cloud.state.accepted_key.lock().await = Some(TEST_KEY.to_string());
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let license_file = dir.path().join("license-key");
-    std::fs::write(&license_file, format!("{LICENSE_KEY}\n")).expect("license file");
+    let license_file = license_file(&dir);
     let proxy = TestProxy::start(&cloud, &route_toml(&selfhost, &license_file, route_extra)).await;
     Setup {
         cloud,
@@ -420,8 +426,7 @@ async fn without_a_fallback_the_routes_own_answer_and_resends_stand() {
     let cloud = TestUpstream::start().await;
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let license = dir.path().join("license-key");
-    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let license = license_file(&dir);
     let text = route_toml(&selfhost, &license, "").replace("fallback = \"default\"\n", "");
     let proxy = TestProxy::start(&cloud, &format!("{text}[route.limits]\nupstream_retries = 1\n")).await;
     let (status, body) = post(&proxy.url("/v1/listen/busy"), "{}").await;
@@ -587,8 +592,7 @@ async fn sighup_adding_a_route_takes_effect_and_the_access_line_notes_a_fallback
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(&dir);
-    let license = dir.path().join("license-key");
-    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let license = license_file(&dir);
     let base = proxy_config_text(&cloud.url(), &cloud.pki.ca_file, &key, "");
     let proxy = ProxyProcess::spawn(&base, &[]);
 
@@ -694,8 +698,7 @@ async fn the_readme_route_example_runs_as_written() {
     *cloud.state.accepted_key.lock().await = Some(TEST_KEY.to_string());
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let license = dir.path().join("license-key");
-    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let license = license_file(&dir);
     // Verbatim apart from the self-host's port and the license file's place.
     let example = readme_route_example()
         .replace("http://127.0.0.1:7100", &selfhost.url())
@@ -721,8 +724,7 @@ async fn a_fallback_to_another_route_uses_that_routes_key_and_goes_no_further() 
     *eu.state.accepted_key.lock().await = Some(EU_KEY.to_string());
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (license, eu_key) = (dir.path().join("license-key"), dir.path().join("eu-key"));
-    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let (license, eu_key) = (license_file(&dir), dir.path().join("eu-key"));
     std::fs::write(&eu_key, EU_KEY).unwrap();
     // The EU route falls back to the self-host in turn: a second hop must not be taken.
     let routes = format!(
@@ -766,8 +768,7 @@ async fn a_fallback_route_without_a_key_leaves_the_first_answer_standing() {
     let eu = TestUpstream::start().await;
     let selfhost = SelfHost::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let license = dir.path().join("license-key");
-    std::fs::write(&license, LICENSE_KEY).unwrap();
+    let license = license_file(&dir);
     let routes = format!(
         "{}\n[[route]]\nname = \"cloud-eu\"\npaths = [\"/eu\"]\nupstream = \"{}\"\nca_file = \"{}\"\n[route.key]\nsource = \"file\"\nfile = \"/nonexistent/eu-key\"\n",
         route_toml(&selfhost, &license, "[route.limits]\nupstream_retries = 0")
